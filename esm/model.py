@@ -1,0 +1,360 @@
+"""Embedding Space Maps (Schulte, Hamborg, Akbik, EMNLP 2024, arXiv 2410.15148).
+
+An ESM is a small network with ``ESM(x) ≈ y``, where ``x`` is a text's embedding
+under the base encoder and ``y`` its embedding under the encoder fine-tuned on a
+source task. Trained once per source, it lets a target's base embeddings stand in
+for what the fine-tuned source model would produce.
+
+On disk an ESM is a folder with ``config.json`` (:class:`ESMConfig`, indent=2,
+sorted keys) and ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from esm.encoder import EncoderIdentity, EncoderMismatchError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+Architecture = Literal["linear", "lowrank", "mlp"]
+ARCHITECTURES: tuple[str, ...] = ("linear", "lowrank", "mlp")
+
+
+class ESMFormatError(ValueError):
+    """An ESM folder is missing files or required config keys."""
+
+
+@dataclass
+class ESMFitSettings:
+    """Hyper-parameters of the ESM fit (paper defaults)."""
+
+    epochs: int = field(default=10, metadata={"help": "Passes over the (base, tuned) pairs."})
+    batch_size: int = field(default=32, metadata={"help": "Mini-batch size."})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "Share of pairs held out to report validation MSE."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for init, shuffling and the split."})
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"'epochs' and 'batch_size' must be >= 1; got {self.epochs}, {self.batch_size}."
+            )
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"Need lr > 0 and weight_decay >= 0; got {self.lr}, "
+                             f"{self.weight_decay}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"'val_fraction' must be in [0, 1); got {self.val_fraction}.")
+
+
+@dataclass
+class ESMConfig:
+    """Everything recorded with an ESM: architecture, provenance and fit results."""
+
+    architecture: str = "linear"
+    in_dim: int = 384
+    out_dim: int = 384
+    rank: int | None = None
+    hidden_dim: int | None = None
+    encoder: dict[str, Any] = field(default_factory=dict)
+    task_id: str = ""
+    task_data_hash: str = ""
+    task_origin: str = ""
+    num_examples: int = 0
+    label_kind: str = "classification"
+    classes: list[str] = field(default_factory=list)
+    finetune: dict[str, Any] = field(default_factory=dict)
+    fit: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    REQUIRED = ("architecture", "in_dim", "out_dim", "encoder", "task_id")
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"'architecture' must be one of {list(ARCHITECTURES)}; got {self.architecture!r}."
+            )
+        if self.in_dim < 1 or self.out_dim < 1:
+            raise ValueError(f"Dims must be positive; got {self.in_dim} -> {self.out_dim}.")
+        if self.architecture == "lowrank":
+            if self.in_dim != self.out_dim:
+                raise ValueError("A low-rank residual ESM needs in_dim == out_dim; got "
+                                 f"{self.in_dim} -> {self.out_dim}.")
+            if not self.rank or not 1 <= self.rank <= self.in_dim:
+                raise ValueError(f"'rank' must be in [1, {self.in_dim}]; got {self.rank}.")
+        if self.architecture == "mlp" and (not self.hidden_dim or self.hidden_dim < 1):
+            raise ValueError(f"'hidden_dim' must be a positive int for mlp; got {self.hidden_dim}.")
+
+    @property
+    def encoder_identity(self) -> EncoderIdentity:
+        e = self.encoder
+        return EncoderIdentity(e.get("name", ""), e.get("fingerprint", ""), e.get("pooling", ""),
+                               e.get("max_length", 0), e.get("layer"), self.in_dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ESMConfig:
+        """Build from a stored dict: raises on missing required keys, warns on unknown."""
+        missing = [k for k in cls.REQUIRED if k not in data]
+        if missing:
+            raise ESMFormatError(f"ESM config lacks required key(s) {missing}; it has "
+                                 f"{sorted(data)}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("Ignoring unknown ESM config key(s): %s", unknown)
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ESMFormatError(f"ESM format version {version} is newer than this stepstone "
+                                 f"supports ({FORMAT_VERSION}); upgrade stepstone.")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from esm import __version__
+
+    return {"stepstone": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+class EmbeddingSpaceMap(nn.Module):
+    """Map base-encoder embeddings to a fine-tuned encoder's space.
+
+    Architectures: ``linear`` (d→d affine, the paper's choice), ``lowrank``
+    (``x + U V x + b``, a residual of rank ``rank``) and ``mlp``
+    (``Linear → GELU → Linear``, hidden ``hidden_dim``).
+
+    Parameters
+    ----------
+    config : ESMConfig
+    """
+
+    def __init__(self, config: ESMConfig) -> None:
+        super().__init__()
+        self.config = config
+        d_in, d_out = config.in_dim, config.out_dim
+        if config.architecture == "linear":
+            self.linear = nn.Linear(d_in, d_out)
+        elif config.architecture == "lowrank":
+            self.down = nn.Linear(d_in, config.rank, bias=False)
+            self.up = nn.Linear(config.rank, d_out)
+            nn.init.zeros_(self.up.weight)  # start at the identity map
+        else:
+            self.net = nn.Sequential(nn.Linear(d_in, config.hidden_dim), nn.GELU(),
+                                     nn.Linear(config.hidden_dim, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (batch, in_dim) → (batch, out_dim)."""
+        arch = self.config.architecture
+        if arch == "linear":
+            return self.linear(x)
+        if arch == "lowrank":
+            return x + self.up(self.down(x))
+        return self.net(x)
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(W, b)`` in float64 with ``ESM(x) = W x + b``, or None for non-affine maps.
+
+        Affine maps let ESM-LogME score from the target's shared decomposition
+        without materialising the mapped embeddings.
+        """
+        arch = self.config.architecture
+        with torch.no_grad():
+            if arch == "linear":
+                w, b = self.linear.weight, self.linear.bias
+            elif arch == "lowrank":
+                w = torch.eye(self.config.in_dim) + self.up.weight @ self.down.weight
+                b = self.up.bias
+            else:
+                return None
+            return w.double().numpy().copy(), b.double().numpy().copy()
+
+    @torch.no_grad()
+    def transform(self, X: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
+        """Apply the map to ``X`` of shape (n, in_dim); returns float32 (n, out_dim)."""
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != self.config.in_dim:
+            raise EncoderMismatchError(
+                f"ESM {self.config.task_id!r} expects embeddings of shape (n, "
+                f"{self.config.in_dim}); got {X.shape}."
+            )
+        self.eval()
+        parts = [self(torch.from_numpy(X[i:i + batch_size])).numpy()
+                 for i in range(0, len(X), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.config.out_dim), np.float32)
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if not self.config.versions:
+            self.config.versions = _versions()
+        if not self.config.created:
+            self.config.created = datetime.now(UTC).isoformat(timespec="seconds")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        (directory / CONFIG_NAME).write_text(
+            json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
+        )
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, encoder: EncoderIdentity | None = None
+             ) -> EmbeddingSpaceMap:
+        """Load an ESM folder; with ``encoder``, refuse one made for another encoder."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).exists():
+                raise ESMFormatError(f"ESM folder {str(directory)!r} has no {name}.")
+        try:
+            data = json.loads((directory / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as err:
+            raise ESMFormatError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from None
+        config = ESMConfig.from_dict(data)
+        if encoder is not None:
+            check_encoder(config, encoder)
+        esm = cls(config)
+        state = load_file(str(directory / WEIGHTS_NAME))
+        expected = set(esm.state_dict())
+        if set(state) != expected:
+            raise ESMFormatError(
+                f"{directory / WEIGHTS_NAME} holds tensors {sorted(state)}; a "
+                f"{config.architecture} ESM needs {sorted(expected)}."
+            )
+        esm.load_state_dict(state)
+        return esm.eval()
+
+
+def check_encoder(config: ESMConfig, encoder: EncoderIdentity) -> None:
+    """Refuse an ESM trained for another encoder, pooling, max length, layer or dim.
+
+    ESMs imported from hf-dataset-selector carry no weights fingerprint; for them
+    the encoder name and dimension must match.
+    """
+    if config.encoder.get("fingerprint"):
+        encoder.check_matches(config.encoder_identity, what=f"ESM {config.task_id!r}")
+    else:
+        name = config.encoder.get("name")
+        if name != encoder.name or config.in_dim != encoder.dim:
+            raise EncoderMismatchError(
+                f"ESM {config.task_id!r} was made for encoder {name!r} (dim {config.in_dim}), "
+                f"not for {encoder.name!r} (dim {encoder.dim})."
+            )
+
+
+@dataclass
+class FitResult:
+    """Final train and validation MSE of an ESM fit."""
+
+    train_mse: float
+    val_mse: float | None
+    epochs: int
+    num_pairs: int
+
+
+def fit_esm(
+    base: np.ndarray,
+    tuned: np.ndarray,
+    *,
+    architecture: Architecture = "linear",
+    rank: int | None = None,
+    hidden_dim: int | None = None,
+    settings: ESMFitSettings | None = None,
+    config: ESMConfig | None = None,
+) -> tuple[EmbeddingSpaceMap, FitResult]:
+    """Fit an ESM on (base, tuned) embedding pairs with MSE and AdamW.
+
+    Parameters
+    ----------
+    base : float array of shape (n, d_in)
+        Source texts under the base encoder.
+    tuned : float array of shape (n, d_out)
+        The same texts under the fine-tuned encoder.
+    config : ESMConfig, optional
+        Provenance to store; its architecture/dims are overwritten by the arguments.
+
+    Returns
+    -------
+    (esm, result): the fitted map (eval mode) and its final train/validation MSE,
+    which are also recorded in ``esm.config.fit``/``metrics``.
+    """
+    settings = settings or ESMFitSettings()
+    base = np.asarray(base, dtype=np.float32)
+    tuned = np.asarray(tuned, dtype=np.float32)
+    if base.ndim != 2 or tuned.ndim != 2 or len(base) != len(tuned):
+        raise ValueError(f"Need base (n, d_in) and tuned (n, d_out) with the same n; got "
+                         f"{base.shape} and {tuned.shape}.")
+    if len(base) < 2:
+        raise ValueError(f"Need at least 2 embedding pairs to fit an ESM; got {len(base)}.")
+    if not (np.isfinite(base).all() and np.isfinite(tuned).all()):
+        raise ValueError("Embeddings contain NaN or inf; cannot fit an ESM.")
+    config = dataclasses.replace(config) if config is not None else ESMConfig()
+    config.architecture, config.in_dim, config.out_dim = architecture, base.shape[1], tuned.shape[1]
+    config.rank = rank if architecture == "lowrank" else None
+    config.hidden_dim = hidden_dim if architecture == "mlp" else None
+    if architecture == "lowrank" and rank is None:
+        config.rank = 32
+    if architecture == "mlp" and hidden_dim is None:
+        config.hidden_dim = 512
+    config.__post_init__()
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    esm = EmbeddingSpaceMap(config)
+    n = len(base)
+    perm = torch.randperm(n, generator=gen).numpy()
+    n_val = int(math.floor(n * settings.val_fraction)) if n >= 10 else 0
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    X, Y = torch.from_numpy(base), torch.from_numpy(tuned)
+    opt = torch.optim.AdamW(esm.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    esm.train()
+    for _ in range(settings.epochs):
+        order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
+        for start in range(0, len(order), settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            loss = nn.functional.mse_loss(esm(X[idx]), Y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    esm.eval()
+    with torch.no_grad():
+        tr = torch.from_numpy(train_idx)
+        train_mse = float(nn.functional.mse_loss(esm(X[tr]), Y[tr]))
+        val_mse = None
+        if n_val:
+            va = torch.from_numpy(val_idx)
+            val_mse = float(nn.functional.mse_loss(esm(X[va]), Y[va]))
+    result = FitResult(train_mse, val_mse, settings.epochs, n)
+    config.fit = dataclasses.asdict(settings)
+    config.metrics = {"train_mse": train_mse, **({"val_mse": val_mse} if n_val else {})}
+    return esm, result

@@ -1,0 +1,308 @@
+"""The ``stepstone`` command line. Every command calls the public Python API.
+
+    stepstone tasks
+    stepstone registry build --registry DIR --sources builtin:all
+    stepstone registry list|show ID|verify|remove ID|import-hfselect PATH...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+logger = logging.getLogger("stepstone")
+
+
+# -- dataclass <-> argparse: the CLI options are the config fields ---------------------
+def _field_type(tp: Any) -> type:
+    if isinstance(tp, str):
+        tp = {"int": int, "float": float, "str": str, "bool": bool}.get(
+            tp.replace(" | None", ""), str)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return args[0]
+    return tp
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "",
+                    skip: Sequence[str] = ()) -> None:
+    """Add one ``--prefix-field`` option per scalar dataclass field, with its help."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        tp = _field_type(hints[f.name])
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        helptext = f.metadata.get("help", "") + f" (default: {default})"
+        if tp is bool:
+            parser.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=helptext)
+        else:
+            parser.add_argument(flag, dest=prefix + f.name, type=tp, default=None, help=helptext)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", **nested) -> Any:
+    values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)
+              if getattr(args, prefix + f.name, None) is not None}
+    return cls(**values, **nested)
+
+
+# -- output helpers ---------------------------------------------------------------------
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _print_table(frame) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", None, "display.max_columns", None,
+                           "display.width", 200, "display.max_colwidth", 60):
+        print(frame.to_string(index=False))
+
+
+# -- commands ---------------------------------------------------------------------------
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from esm.catalog import catalog_table
+
+    table = catalog_table()
+    if args.json:
+        _print_json(json.loads(table.to_json(orient="records")))
+        return 0
+    _print_table(table.drop(columns=["description"]))
+    missing = table.loc[~table["available"], "package"].unique().tolist()
+    if missing:
+        print(f"\nMissing (package not installed): {', '.join(missing)} - install with "
+              "`pip install --no-deps <package>`.")
+    return 0
+
+
+def _encoder_from_args(args: argparse.Namespace):
+    from esm.encoder import load_encoder
+
+    return load_encoder(args.encoder, pooling=args.pooling, max_length=args.max_length,
+                        layer=getattr(args, "layer", None))
+
+
+def cmd_registry_build(args: argparse.Namespace) -> int:
+    from esm.cache import EmbeddingCache
+    from esm.model import ESMFitSettings
+    from finetune.build import BuildSettings, build_registry
+    from finetune.train import FinetuneSettings
+
+    settings = config_from_args(
+        BuildSettings, args,
+        finetune=config_from_args(FinetuneSettings, args, prefix="ft_"),
+        esm_fit=config_from_args(ESMFitSettings, args, prefix="esm_"))
+    encoder = _encoder_from_args(args)
+    cache = None if args.no_cache else EmbeddingCache(args.cache_dir)
+    report = build_registry(args.registry, args.sources, encoder=encoder, settings=settings,
+                            cache=cache, progress=not args.quiet,
+                            task_options=_task_options(args))
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report)
+    return 1 if report.failed else 0
+
+
+def _task_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if getattr(args, "text_column", None):
+        cols = args.text_column
+        opts["text_column"] = cols[0] if len(cols) == 1 else cols
+    if getattr(args, "label_column", None):
+        opts["label_column"] = args.label_column
+    if getattr(args, "label_kind", None):
+        opts["label_kind"] = args.label_kind
+    if getattr(args, "drop_invalid", False):
+        opts["drop_invalid"] = True
+    return opts
+
+
+def _open(args: argparse.Namespace, *, write: bool = False):
+    from esm.registry import Registry, open_registry
+
+    if write:
+        if args.registry is None:
+            raise SystemExit("error: this command changes a registry; pass --registry DIR.")
+        return Registry(args.registry, create=getattr(args, "create", False))
+    return open_registry(args.registry)
+
+
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    reg = _open(args)
+    rows = [e.to_dict() for e in reg.entries()]
+    if args.json:
+        _print_json({"registry": str(reg.path), "esms": rows})
+        return 0
+    print(f"registry {reg.path}: {len(rows)} ESMs")
+    if rows:
+        cols = ["id", "task_id", "base_model", "architecture", "in_dim", "num_examples",
+                "label_kind", "num_classes", "size_bytes", "has_model"]
+        _print_table(pd.DataFrame(rows)[cols])
+    return 0
+
+
+def cmd_registry_show(args: argparse.Namespace) -> int:
+    reg = _open(args)
+    entry = reg.get(args.id)
+    data = {"entry": entry.to_dict(), "config": reg.config(args.id).to_dict()}
+    if args.json:
+        _print_json(data)
+    else:
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_registry_verify(args: argparse.Namespace) -> int:
+    reg = _open(args)
+    report = reg.verify()
+    if args.json:
+        _print_json({"ok": report.ok, "checked": report.checked, "problems": report.problems})
+    else:
+        print(report)
+    return 0 if report.ok else 1
+
+
+def cmd_registry_remove(args: argparse.Namespace) -> int:
+    reg = _open(args, write=True)
+    for esm_id in args.ids:
+        reg.remove(esm_id)
+    if args.json:
+        _print_json({"removed": args.ids})
+    else:
+        print(f"removed {len(args.ids)}: {', '.join(args.ids)}")
+    return 0
+
+
+def cmd_registry_import(args: argparse.Namespace) -> int:
+    from esm.hfselect import import_hfselect
+
+    args.create = True
+    reg = _open(args, write=True)
+    added, skipped = [], []
+    for path in args.paths:
+        entry = import_hfselect(reg, path)
+        (skipped.append(path) if entry is None else added.append(entry.id))
+    if args.json:
+        _print_json({"added": added, "skipped": skipped})
+    else:
+        print(f"imported {len(added)}, skipped {len(skipped)} (already present)")
+        for esm_id in added:
+            print(f"  {esm_id}")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    from esm.encoder import DEFAULT_ENCODER, POOLINGS
+
+    p.add_argument("--encoder", default=DEFAULT_ENCODER,
+                   help=f"Model package, folder or Hub id (default: {DEFAULT_ENCODER}).")
+    p.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="Pooling (default: what the model declares, else mean).")
+    p.add_argument("--max-length", type=int, default=None, help="Token limit (default 128).")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-column", nargs="+", default=None,
+                   help="Text column of a local/Hub dataset (two for sentence pairs).")
+    p.add_argument("--label-column", default=None, help="Label column (default: label).")
+    p.add_argument("--label-kind", choices=["classification", "regression"], default=None,
+                   help="Label kind (default: inferred).")
+    p.add_argument("--drop-invalid", action="store_true",
+                   help="Drop rows with a missing text or label instead of failing.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from esm.model import ESMFitSettings
+    from finetune.build import BuildSettings
+    from finetune.train import FinetuneSettings
+
+    parser = argparse.ArgumentParser(
+        prog="stepstone",
+        description="Choose the intermediate task to fine-tune on first, and carry it through.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="More logging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tasks", help="List the built-in task catalog.")
+    p.add_argument("--json", action="store_true", help="Machine-readable output.")
+    p.set_defaults(func=cmd_tasks)
+
+    reg = sub.add_parser("registry", help="Build and inspect ESM registries.")
+    rsub = reg.add_subparsers(dest="registry_command", required=True)
+
+    def common(p, *, default_ok: bool = True):
+        p.add_argument("--registry", default=None,
+                       help="Registry folder" + (" (default: the shipped registry)."
+                                                 if default_ok else "."))
+        p.add_argument("--json", action="store_true", help="Machine-readable output.")
+
+    p = rsub.add_parser("build", help="Fine-tune on each source and add its ESM.")
+    common(p, default_ok=False)
+    p.add_argument("--sources", nargs="+", required=True,
+                   help="builtin:all, task ids (a,b), local files or Hub names.")
+    _add_encoder_args(p)
+    _add_data_args(p)
+    add_config_args(p, BuildSettings)
+    add_config_args(p, FinetuneSettings, prefix="ft_")
+    add_config_args(p, ESMFitSettings, prefix="esm_")
+    p.add_argument("--cache-dir", default=None, help="Embedding cache folder.")
+    p.add_argument("--no-cache", action="store_true", help="Do not use the embedding cache.")
+    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    p.set_defaults(func=cmd_registry_build)
+
+    p = rsub.add_parser("list", help="List the ESMs.")
+    common(p)
+    p.set_defaults(func=cmd_registry_list)
+    p = rsub.add_parser("show", help="Show one ESM's row and config.")
+    common(p)
+    p.add_argument("id")
+    p.set_defaults(func=cmd_registry_show)
+    p = rsub.add_parser("verify", help="Check checksums and that rows and files agree.")
+    common(p)
+    p.set_defaults(func=cmd_registry_verify)
+    p = rsub.add_parser("remove", help="Remove ESMs by id.")
+    common(p, default_ok=False)
+    p.add_argument("ids", nargs="+")
+    p.set_defaults(func=cmd_registry_remove)
+    p = rsub.add_parser("import-hfselect", help="Import hf-dataset-selector ESM folders.")
+    common(p, default_ok=False)
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(func=cmd_registry_import)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from esm.data import DataError
+    from esm.encoder import EncoderMismatchError
+    from esm.model import ESMFormatError
+    from esm.registry import RegistryError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, RegistryError, EncoderMismatchError, ESMFormatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

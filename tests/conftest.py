@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny random BERT encoder on disk and small tasks."""
+
+from __future__ import annotations
+
+import os
+import string
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = [
+    "good", "great", "fine", "love", "happy", "nice", "bad", "awful", "hate", "sad", "poor",
+    "terrible", "the", "a", "movie", "film", "food", "service", "was", "is", "very", "not",
+    "ball", "game", "team", "score", "vote", "party", "law", "tax", "free", "win", "prize",
+    "call", "now", "meeting", "tomorrow", "see", "you", "ok",
+]
+
+
+def build_tiny_model(folder):
+    """Write a 2-layer, 32-dim random BertModel with a small WordPiece tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
+             *string.digits, *WORDS, *[f"##{c}" for c in string.ascii_lowercase]]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab))}
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture()
+def tiny_encoder(tiny_model_dir):
+    from esm.encoder import load_encoder
+
+    return load_encoder(str(tiny_model_dir), max_length=32)
+
+
+def make_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """n short texts from two word pools, labelled 'pos'/'neg' by pool (learnable)."""
+    rng = np.random.default_rng(seed)
+    pos, neg = WORDS[:6], WORDS[6:12]
+    filler = WORDS[12:]
+    texts, labels = [], []
+    for i in range(n):
+        lab = "pos" if i % 2 == 0 else "neg"
+        pool = pos if lab == "pos" else neg
+        words = list(rng.choice(pool, 2)) + list(rng.choice(filler, rng.integers(2, 8)))
+        rng.shuffle(words)
+        texts.append(" ".join(words) + f" {i}")
+        labels.append(lab)
+    return texts, labels
+
+
+@pytest.fixture()
+def small_task():
+    from esm.data import make_task
+
+    texts, labels = make_texts(40)
+    return make_task("toy_sentiment", texts, labels, seed=0)
