@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,23 @@ BUILTIN_PREFIX = "builtin:"
 
 class DataError(ValueError):
     """Raised when task data is missing, malformed or unusable."""
+
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+VOCAB_SIZE = 5000
+
+
+def token_counts(texts: Sequence[str], *, top: int = VOCAB_SIZE) -> dict[str, int]:
+    """Counts of the ``top`` most frequent lower-cased words, English stop words excluded.
+
+    The source/target profile used by the vocabulary-overlap baseline.
+    """
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(w for w in _WORD.findall(text.lower()) if w not in ENGLISH_STOP_WORDS)
+    return dict(counts.most_common(top))
 
 
 def normalize_text(text: str) -> str:

@@ -33,6 +33,10 @@ POOLINGS: tuple[str, ...] = ("mean", "cls", "pooler")
 TextInput = str | tuple[str, str]
 
 
+class EncoderLoadError(OSError):
+    """An encoder could not be found or loaded."""
+
+
 class EncoderMismatchError(ValueError):
     """An artefact was made with another encoder, pooling, max length or layer."""
 
@@ -310,11 +314,19 @@ def load_encoder(
     path = resolve_model_path(name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report is noise for an encoder-only use
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path)
+    except OSError as err:
+        raise EncoderLoadError(
+            f"Cannot load encoder {name!r}: it is not an installed model package (such as "
+            f"{DEFAULT_ENCODER!r}), not a model folder, and loading it as a Hub id failed "
+            f"({str(err).splitlines()[0]})"
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"Encoder {name!r} has no fast tokenizer; stepstone needs one.")
     if max_length is None:

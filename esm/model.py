@@ -230,6 +230,7 @@ class EmbeddingSpaceMap(nn.Module):
     def load(cls, directory: str | Path, *, encoder: EncoderIdentity | None = None
              ) -> EmbeddingSpaceMap:
         """Load an ESM folder; with ``encoder``, refuse one made for another encoder."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -244,7 +245,11 @@ class EmbeddingSpaceMap(nn.Module):
         if encoder is not None:
             check_encoder(config, encoder)
         esm = cls(config)
-        state = load_file(str(directory / WEIGHTS_NAME))
+        try:
+            state = load_file(str(directory / WEIGHTS_NAME))
+        except SafetensorError as err:
+            raise ESMFormatError(f"{directory / WEIGHTS_NAME} is not readable safetensors "
+                                 f"({err}).") from None
         expected = set(esm.state_dict())
         if set(state) != expected:
             raise ESMFormatError(

@@ -194,6 +194,8 @@ class Registry:
                 self._conn.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('format_version', ?)",
                     (str(REGISTRY_FORMAT),))
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', '0')")
                 self._conn.commit()
             tables = {r[0] for r in self._conn.execute(
                 "SELECT name FROM sqlite_master WHERE type='table'")}
@@ -330,7 +332,7 @@ class Registry:
         with self._conn:
             self._conn.execute("INSERT INTO esms SELECT * FROM pending WHERE id = ?", (esm_id,))
             self._conn.execute("DELETE FROM pending WHERE id = ?", (esm_id,))
-        self._after_change()
+            self._bump_generation()
         return self.get(esm_id)
 
     def remove(self, esm_id: str) -> None:
@@ -339,12 +341,19 @@ class Registry:
         self.get(esm_id)
         with self._conn:
             self._conn.execute("DELETE FROM esms WHERE id = ?", (esm_id,))
+            self._bump_generation()
         for folder in (self.esm_dir(esm_id), self.path / MODEL_DIR / esm_id):
             shutil.rmtree(folder, ignore_errors=True)
-        self._after_change()
 
-    def _after_change(self) -> None:
-        """Hook for derived state (the task index) after an add or remove."""
+    def _bump_generation(self) -> None:
+        self._conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                           "WHERE key = 'generation'")
+
+    @property
+    def generation(self) -> int:
+        """Counter bumped by every add and remove; derived files (the task index) record it."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return 0 if row is None else int(row[0])
 
     def _recover(self) -> None:
         """Finish interrupted adds whose files are complete; drop leftovers of the rest."""
@@ -358,6 +367,7 @@ class Registry:
                     self._conn.execute("INSERT OR REPLACE INTO esms SELECT * FROM pending "
                                        "WHERE id = ?", (entry.id,))
                     self._conn.execute("DELETE FROM pending WHERE id = ?", (entry.id,))
+                    self._bump_generation()
             else:
                 logger.warning("Registry: discarding the interrupted addition of %r.", entry.id)
                 with self._conn:
@@ -371,8 +381,6 @@ class Registry:
                     if folder.name not in known:
                         logger.warning("Registry: removing orphan folder %s.", folder)
                         shutil.rmtree(folder, ignore_errors=True)
-        if pending:
-            self._after_change()
 
     # -- checking ---------------------------------------------------------------------
     def verify(self) -> VerifyReport:

@@ -14,10 +14,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from tqdm.auto import tqdm
 
 from esm.cache import EmbeddingCache
 from esm.catalog import builtin_ids, is_available
-from esm.data import BUILTIN_PREFIX, DataError, Task, load_task
+from esm.data import BUILTIN_PREFIX, DataError, Task, load_task, token_counts
 from esm.encoder import Encoder
 from esm.model import ARCHITECTURES, ESMConfig, ESMFitSettings, fit_esm
 from esm.registry import Registry, RegistryEntry
@@ -36,8 +34,6 @@ from finetune.train import FinetuneSettings, TaskModel, evaluate, finetune
 
 logger = logging.getLogger(__name__)
 
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-VOCAB_SIZE = 5000
 
 
 @dataclass
@@ -114,16 +110,6 @@ def expand_sources(sources: str | Sequence[str | Task]) -> list[str | Task]:
             else:
                 out.append(part)
     return out
-
-
-def token_counts(texts: Sequence[str], *, top: int = VOCAB_SIZE) -> dict[str, int]:
-    """Counts of the ``top`` most frequent lower-cased words, stop words excluded."""
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-
-    counts: Counter[str] = Counter()
-    for text in texts:
-        counts.update(w for w in _WORD.findall(text.lower()) if w not in ENGLISH_STOP_WORDS)
-    return dict(counts.most_common(top))
 
 
 def settings_key(encoder: Encoder, task: Task, settings: BuildSettings) -> str:

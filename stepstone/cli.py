@@ -18,7 +18,6 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 logger = logging.getLogger("stepstone")
@@ -207,6 +206,31 @@ def cmd_registry_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rank(args: argparse.Namespace) -> int:
+    from selection.ranking import rank
+
+    ranking = rank(
+        args.target, args.registry, args.method,
+        encoder=args.encoder, pooling=args.pooling, max_length=args.max_length, top=args.top,
+        prefilter=args.prefilter, approx_rank=args.approx_rank, layer=args.layer,
+        max_examples=args.max_examples, cache=not args.no_cache,
+        exclude_target=not args.include_target, progress=not args.quiet and not args.json,
+        task_options=_task_options(args))
+    if args.csv:
+        ranking.to_pandas().to_csv(args.csv, index=False)
+    if args.plot:
+        ranking.plot(args.plot)
+    if args.json:
+        _print_json(ranking.to_dict())
+    else:
+        print(ranking)
+        t = ranking.timings
+        print(f"\n{ranking.settings['candidates']} candidates, {ranking.settings['target_examples']}"
+              f" target examples; embed {t['embed']:.2f}s, score {t['score']:.2f}s, "
+              f"total {t['total']:.2f}s")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     from esm.encoder import DEFAULT_ENCODER, POOLINGS
@@ -242,6 +266,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tasks", help="List the built-in task catalog.")
     p.add_argument("--json", action="store_true", help="Machine-readable output.")
     p.set_defaults(func=cmd_tasks)
+
+    from selection.ranking import DEFAULT_MAX_TARGET
+    from selection.scorers import METHODS
+
+    p = sub.add_parser("rank", help="Rank a registry's sources for a target dataset.")
+    p.add_argument("target", help="builtin:ID, a local file, or a Hub dataset name.")
+    p.add_argument("--registry", default=None, help="Registry folder (default: shipped).")
+    p.add_argument("--method", choices=METHODS, default="esm-logme", help="Scoring method.")
+    p.add_argument("--top", type=int, default=None, help="Show the best K sources only.")
+    p.add_argument("--prefilter", type=int, default=None,
+                   help="Rerank only the K nearest sources in the FAISS task index.")
+    p.add_argument("--approx-rank", type=int, default=None,
+                   help="ESM-LogME approximation: keep the target's top-r directions.")
+    p.add_argument("--layer", type=int, default=None,
+                   help="Early exit: embed with the first K encoder layers.")
+    p.add_argument("--max-examples", type=int, default=DEFAULT_MAX_TARGET, dest="max_examples",
+                   help=f"Cap on target examples (default {DEFAULT_MAX_TARGET}).")
+    p.add_argument("--encoder", default=None,
+                   help="Encoder (default: the one the registry was built with).")
+    p.add_argument("--pooling", choices=["mean", "cls", "pooler"], default=None,
+                   help="Pooling (default: the registry's).")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="Token limit (default: the registry's).")
+    p.add_argument("--include-target", action="store_true",
+                   help="Keep the target's own task among the candidates.")
+    _add_data_args(p)
+    p.add_argument("--json", action="store_true", help="Machine-readable output.")
+    p.add_argument("--csv", default=None, help="Also write the table to this CSV file.")
+    p.add_argument("--plot", default=None, help="Also draw the scores to this PNG file.")
+    p.add_argument("--no-cache", action="store_true", help="Do not use the embedding cache.")
+    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    p.set_defaults(func=cmd_rank)
 
     reg = sub.add_parser("registry", help="Build and inspect ESM registries.")
     rsub = reg.add_subparsers(dest="registry_command", required=True)
@@ -289,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from esm.data import DataError
-    from esm.encoder import EncoderMismatchError
+    from esm.encoder import EncoderLoadError, EncoderMismatchError
     from esm.model import ESMFormatError
     from esm.registry import RegistryError
 
@@ -299,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (DataError, RegistryError, EncoderMismatchError, ESMFormatError) as err:
+    except (DataError, RegistryError, EncoderMismatchError, EncoderLoadError,
+            ESMFormatError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from esm.data import make_task
+from esm.data import make_task, token_counts
 from esm.registry import Registry
-from finetune.build import BuildSettings, build_registry, expand_sources, token_counts
+from finetune.build import BuildSettings, build_registry, expand_sources
 from finetune.train import FinetuneSettings, TaskModel, TrainingError, evaluate, finetune
 from tests.conftest import make_texts
 

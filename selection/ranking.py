@@ -1,0 +1,259 @@
+"""``rank``: order a registry's sources for a target, and the ``Ranking`` result."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esm.cache import EmbeddingCache
+from esm.data import Task, load_task
+from esm.encoder import DEFAULT_ENCODER, Encoder, load_encoder
+from esm.registry import Registry, RegistryEntry, open_registry
+from selection.index import task_index
+from selection.scorers import Scorer, get_scorer
+from selection.target import Target
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TARGET = 1000
+
+
+@dataclass
+class RankedSource:
+    """One row of a ranking."""
+
+    rank: int
+    esm_id: str
+    task_id: str
+    score: float
+    num_examples: int
+    label_kind: str
+
+
+@dataclass
+class Ranking:
+    """Sources ordered by score for one target.
+
+    Attributes
+    ----------
+    rows : list of RankedSource, best first
+    errors : dict
+        ESM id → why it could not be scored (it is left out of ``rows``).
+    reference : float or None
+        LogME of the target's base embeddings: the "no intermediate step" level
+        that ESM-LogME scores can be compared against.
+    settings, timings : dict
+        The run's options and seconds per stage.
+    """
+
+    target: str
+    method: str
+    rows: list[RankedSource]
+    errors: dict[str, str] = field(default_factory=dict)
+    reference: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        scores = [r.score for r in self.rows]
+        if any(not np.isfinite(s) for s in scores):
+            raise ValueError("A Ranking holds only finite scores; failures go to 'errors'.")
+        if scores != sorted(scores, reverse=True):
+            raise ValueError("Ranking rows must be sorted by score, best first.")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def task_ids(self) -> list[str]:
+        return [r.task_id for r in self.rows]
+
+    def to_pandas(self):
+        import pandas as pd
+
+        cols = ["rank", "esm_id", "task_id", "score", "num_examples", "label_kind"]
+        return pd.DataFrame([r.__dict__ for r in self.rows], columns=cols)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "method": self.method,
+                "ranking": [r.__dict__ for r in self.rows], "errors": self.errors,
+                "reference_base_logme": self.reference, "settings": self.settings,
+                "timings": self.timings}
+
+    def __str__(self) -> str:
+        head = f"Ranking of {len(self.rows)} sources for {self.target} by {self.method}"
+        lines = [head, f"{'rank':>4}  {'task':<24} {'score':>10}  {'size':>6}  kind"]
+        lines += [f"{r.rank:>4}  {r.task_id:<24} {r.score:>10.4f}  {r.num_examples:>6}  "
+                  f"{r.label_kind}" for r in self.rows]
+        if self.reference is not None:
+            lines.append(f"      {'(no intermediate step)':<24} {self.reference:>10.4f}")
+        if self.errors:
+            lines.append(f"{len(self.errors)} source(s) could not be scored: "
+                         + "; ".join(f"{k}: {v}" for k, v in list(self.errors.items())[:5]))
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        """Horizontal bar chart of the scores (best on top), written to ``path``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.rows[::-1]
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+        ax.barh([r.task_id for r in rows], [r.score for r in rows], color="#4477aa")
+        if self.reference is not None:
+            ax.axvline(self.reference, color="#cc3311", ls="--", lw=1,
+                       label="base LogME (no intermediate step)")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xlabel(f"{self.method} score")
+        ax.set_title(f"Source ranking for {self.target}")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def prepare_target(
+    task: Task,
+    encoder: Encoder,
+    *,
+    max_examples: int | None = DEFAULT_MAX_TARGET,
+    cache: EmbeddingCache | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Target:
+    """Embed the target's (capped, stratified) training split once."""
+    capped = task.subsample(max_train=max_examples, seed=seed)
+    inputs = capped.train.inputs()
+    X = encoder.embed(inputs, cache=cache, progress=progress)
+    texts = [t if isinstance(t, str) else f"{t[0]} {t[1]}" for t in inputs]
+    return Target(task.task_id, X, capped.train.labels, task.label_kind, texts,
+                  encoder.identity)
+
+
+def _candidates(registry: Registry, target: Target, *, exclude_target: bool
+                ) -> tuple[list[RegistryEntry], int]:
+    from esm.registry import _same_encoder
+
+    entries = registry.entries()
+    matching = [e for e in entries if _same_encoder(e.encoder_identity, target.encoder)]
+    if exclude_target:
+        matching = [e for e in matching if e.task_id != target.task_id]
+    return matching, len(entries) - len(matching)
+
+
+def rank(
+    target: str | Task,
+    registry: str | Path | Registry | None = None,
+    method: str = "esm-logme",
+    *,
+    encoder: Encoder | str | None = None,
+    pooling: str | None = None,
+    max_length: int | None = None,
+    top: int | None = None,
+    prefilter: int | None = None,
+    approx_rank: int | None = None,
+    layer: int | None = None,
+    max_examples: int | None = DEFAULT_MAX_TARGET,
+    cache: EmbeddingCache | bool = True,
+    exclude_target: bool = True,
+    progress: bool = True,
+    task_options: dict[str, Any] | None = None,
+    scorer_options: dict[str, Any] | None = None,
+) -> Ranking:
+    """Rank a registry's sources for ``target``.
+
+    Parameters
+    ----------
+    target : str or Task
+        ``builtin:ID``, a local file (with ``task_options`` such as ``text_column``),
+        a Hub dataset name, or a loaded :class:`~esm.data.Task`.
+    registry : path, Registry or None
+        None means the registry shipped with stepstone.
+    method : str
+        One of :data:`selection.scorers.METHODS`.
+    encoder : Encoder, str or None
+        Defaults to the encoder the registry was built with.
+    pooling, max_length : optional
+        For an encoder given by name; default to the registry's.
+    top : int, optional
+        Keep the best ``top`` rows.
+    prefilter : int, optional
+        Score only the ``prefilter`` sources nearest to the target in the FAISS task
+        index (TextEmb similarity), then rank those by ``method``.
+    approx_rank : int, optional
+        ESM-LogME approximation: keep the target's top principal directions.
+    layer : int, optional
+        Early exit: embed with the first ``layer`` encoder layers; only ESMs
+        trained on that layer's embeddings match.
+    max_examples : int, optional
+        Cap on target training examples used (stratified).
+
+    Raises
+    ------
+    EncoderMismatchError
+        When the registry holds no ESM for the requested encoder (both are named).
+    """
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    reg = registry if isinstance(registry, Registry) else open_registry(registry)
+    task = load_task(target, **(task_options or {})) if isinstance(target, str) else target
+    scorer: Scorer = get_scorer(method, **({"approx_rank": approx_rank} if approx_rank else {}),
+                                **(scorer_options or {}))
+    if encoder is None or isinstance(encoder, str):
+        # Default to the registry's encoder configuration (name, pooling, max length).
+        known = reg.encoders()
+        name = encoder or (known[0].name if known else DEFAULT_ENCODER)
+        match = next((k for k in known if k.name == name), None)
+        encoder = load_encoder(
+            name, pooling=pooling or (match.pooling if match else None),
+            max_length=max_length or (match.max_length if match else None), layer=layer)
+    timings["load"] = time.perf_counter() - t0
+    reg.check_encoder(encoder.identity)
+    t1 = time.perf_counter()
+    emb_cache = (EmbeddingCache() if cache is True else cache) or None
+    prepared = prepare_target(task, encoder, max_examples=max_examples, cache=emb_cache,
+                              progress=progress)
+    timings["embed"] = time.perf_counter() - t1
+    entries, other_encoder = _candidates(reg, prepared, exclude_target=exclude_target)
+    t2 = time.perf_counter()
+    if prefilter is not None:
+        if prefilter < 1:
+            raise ValueError(f"'prefilter' must be a positive int; got {prefilter}.")
+        keep = {esm_id for esm_id, _ in task_index(reg).search(prepared.mean_vector,
+                                                               prefilter + 1)}
+        entries = [e for e in entries if e.id in keep][:prefilter]
+    timings["prefilter"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    scores = scorer.score(prepared, reg, entries, progress=progress)
+    timings["score"] = time.perf_counter() - t3
+    reference = None
+    if "logme" in method:
+        from selection.scorers import BaseLogME
+
+        reference = BaseLogME().score(prepared, reg, entries[:1]).values.get(
+            entries[0].id) if entries else None
+    by_id = {e.id: e for e in entries}
+    ordered = sorted(scores.values.items(), key=lambda kv: (-kv[1], by_id[kv[0]].task_id))
+    if top is not None:
+        ordered = ordered[:top]
+    rows = [RankedSource(i + 1, esm_id, by_id[esm_id].task_id, float(s),
+                         by_id[esm_id].num_examples, by_id[esm_id].label_kind)
+            for i, (esm_id, s) in enumerate(ordered)]
+    timings["total"] = time.perf_counter() - t0
+    settings = {
+        "registry": str(reg.path), "encoder": encoder.name, "pooling": encoder.pooling,
+        "max_length": encoder.max_length, "layer": encoder.layer,
+        "target_examples": prepared.n, "candidates": len(entries), "prefilter": prefilter,
+        "skipped_other_encoder": other_encoder, "exclude_target": exclude_target,
+        **scorer.settings(),
+    }
+    return Ranking(task.task_id, method, rows, scores.errors, reference, settings,
+                   {k: round(v, 4) for k, v in timings.items()})

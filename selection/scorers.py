@@ -1,0 +1,290 @@
+"""Transferability scorers: every method has the same call shape.
+
+``scorer.score(target, registry, entries) -> Scores``: one score per registry
+entry (higher = expected to help the target more), and an error message for
+each entry that could not be scored, so one broken ESM never stops a ranking.
+
+Methods
+-------
+esm-logme     LogME of the target embeddings after each source's ESM (Schulte et al. 2024)
+knn           leave-one-out kNN accuracy of the ESM-mapped target embeddings
+logme         LogME on the base embeddings, no map: the same for every source; the
+              "no intermediate step" reference
+textemb       cosine of mean base embeddings of target and source (TextEmb, Vu et al. 2020)
+vocab         share of the target's frequent words found among the source's
+source-logme  LogME on embeddings from the kept fine-tuned source model (the expensive
+              quantity ESMs approximate); only for sources built with --keep-models
+random        seeded random scores (a floor for benchmarks)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from esm.model import EmbeddingSpaceMap, ESMFormatError
+from esm.encoder import EncoderMismatchError
+from esm.registry import Registry, RegistryEntry
+from selection.logme import TargetBasis, logme_linear_maps, logme_score
+from selection.target import Target
+
+logger = logging.getLogger(__name__)
+
+# What loading or scoring one ESM may raise; anything else is a bug and propagates.
+_PER_ESM_ERRORS = (ESMFormatError, EncoderMismatchError, OSError, ValueError, RuntimeError,
+                   np.linalg.LinAlgError)
+
+
+@dataclass
+class Scores:
+    """Scores by ESM id, and error messages by ESM id for those that failed."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def update(self, other: Scores) -> None:
+        self.values.update(other.values)
+        self.errors.update(other.errors)
+
+
+class Scorer:
+    """Base class: subclasses set ``name`` and implement :meth:`score`."""
+
+    name: ClassVar[str] = ""
+    uses_esm: ClassVar[bool] = False
+
+    def score(self, target: Target, registry: Registry, entries: list[RegistryEntry], *,
+              progress: bool = False) -> Scores:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return {}
+
+
+def _load(registry: Registry, entry: RegistryEntry, target: Target) -> EmbeddingSpaceMap:
+    esm = registry.load_esm(entry.id, encoder=target.encoder)
+    if esm.config.in_dim != target.X.shape[1]:
+        raise EncoderMismatchError(f"ESM expects dim {esm.config.in_dim}; target embeddings "
+                                   f"have {target.X.shape[1]}.")
+    return esm
+
+
+def _label_kind(target: Target) -> str:
+    return target.label_kind
+
+
+class ESMLogME(Scorer):
+    """ESM-LogME (Schulte, Hamborg, Akbik, EMNLP 2024).
+
+    Affine ESMs (linear, low-rank) are scored in batches of ``chunk`` from the
+    target's shared SVD without materialising the mapped embeddings; other
+    architectures are mapped and scored one by one. ``approx_rank`` keeps only the
+    target's top principal directions (faster, approximate).
+    """
+
+    name = "esm-logme"
+    uses_esm = True
+
+    def __init__(self, *, approx_rank: int | None = None, chunk: int = 64) -> None:
+        if approx_rank is not None and approx_rank < 1:
+            raise ValueError(f"'approx_rank' must be a positive int or None; got {approx_rank}.")
+        if chunk < 1:
+            raise ValueError(f"'chunk' must be >= 1; got {chunk}.")
+        self.approx_rank, self.chunk = approx_rank, chunk
+
+    def settings(self) -> dict:
+        return {"approx_rank": self.approx_rank, "chunk": self.chunk}
+
+    def score(self, target, registry, entries, *, progress=False) -> Scores:
+        out = Scores()
+        basis = target.memo(("basis", self.approx_rank),
+                            lambda: TargetBasis(target.X, target.labels,
+                                                label_kind=target.label_kind,
+                                                rank=self.approx_rank))
+        bar = tqdm(total=len(entries), desc="ESM-LogME", unit="ESM", disable=not progress,
+                   leave=False)
+        for start in range(0, len(entries), self.chunk):
+            weights, biases, ids = [], [], []
+            for entry in entries[start:start + self.chunk]:
+                try:
+                    esm = _load(registry, entry, target)
+                    affine = esm.affine()
+                    if affine is None:
+                        out.values[entry.id] = logme_score(esm.transform(target.X),
+                                                           target.labels,
+                                                           label_kind=target.label_kind)
+                    else:
+                        weights.append(affine[0])
+                        biases.append(affine[1])
+                        ids.append(entry.id)
+                except _PER_ESM_ERRORS as err:
+                    out.errors[entry.id] = f"{type(err).__name__}: {err}"
+            if ids:
+                scores = logme_linear_maps(basis, np.stack(weights), np.stack(biases))
+                for esm_id, s in zip(ids, scores, strict=True):
+                    if np.isfinite(s):
+                        out.values[esm_id] = float(s)
+                    else:
+                        out.errors[esm_id] = f"LogME returned {s}"
+            bar.update(min(self.chunk, len(entries) - start))
+        bar.close()
+        return out
+
+
+def knn_loo_accuracy(features: np.ndarray, labels: np.ndarray, *, k: int = 5) -> float:
+    """Leave-one-out k-nearest-neighbour accuracy under cosine similarity.
+
+    features: float array of shape (n, d); labels: int array of shape (n,).
+    """
+    F = features.astype(np.float64)
+    F /= np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-12)
+    sims = F @ F.T
+    np.fill_diagonal(sims, -np.inf)
+    k = min(k, len(F) - 1)
+    nn_idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    votes = labels[nn_idx]
+    n_classes = int(labels.max()) + 1
+    counts = np.zeros((len(F), n_classes))
+    np.add.at(counts, (np.repeat(np.arange(len(F)), k), votes.ravel()), 1.0)
+    # ties go to the nearest neighbour's class
+    nearest = labels[nn_idx[np.arange(len(F)), np.argmax(sims[np.arange(len(F))[:, None],
+                                                              nn_idx], axis=1)]]
+    best = counts.max(1)
+    pred = np.where(counts[np.arange(len(F)), nearest] == best, nearest, counts.argmax(1))
+    return float(np.mean(pred == labels))
+
+
+class KNN(Scorer):
+    """Leave-one-out kNN accuracy of the ESM-mapped target embeddings (classification)."""
+
+    name = "knn"
+    uses_esm = True
+
+    def __init__(self, *, k: int = 5) -> None:
+        if k < 1:
+            raise ValueError(f"'k' must be >= 1; got {k}.")
+        self.k = k
+
+    def settings(self) -> dict:
+        return {"k": self.k}
+
+    def score(self, target, registry, entries, *, progress=False) -> Scores:
+        if target.label_kind != "classification":
+            raise ValueError("The knn method needs a classification target; got regression.")
+        out = Scores()
+        for entry in tqdm(entries, desc="kNN", unit="ESM", disable=not progress, leave=False):
+            try:
+                mapped = _load(registry, entry, target).transform(target.X)
+                out.values[entry.id] = knn_loo_accuracy(mapped, target.labels, k=self.k)
+            except _PER_ESM_ERRORS as err:
+                out.errors[entry.id] = f"{type(err).__name__}: {err}"
+        return out
+
+
+class BaseLogME(Scorer):
+    """LogME on the base embeddings (no map): one value, the same for every source."""
+
+    name = "logme"
+
+    def score(self, target, registry, entries, *, progress=False) -> Scores:
+        value = target.memo("base_logme", lambda: logme_score(
+            target.X, target.labels, label_kind=target.label_kind))
+        return Scores({e.id: value for e in entries})
+
+
+class TextEmb(Scorer):
+    """Cosine of the mean base embeddings of target and source (Vu et al. 2020)."""
+
+    name = "textemb"
+
+    def score(self, target, registry, entries, *, progress=False) -> Scores:
+        out = Scores()
+        for e in entries:
+            if e.task_vector is None or e.task_vector.shape != target.mean_vector.shape:
+                out.errors[e.id] = "no task vector of the target's dimension in the registry"
+            else:
+                out.values[e.id] = float(e.task_vector @ target.mean_vector)
+        return out
+
+
+class VocabOverlap(Scorer):
+    """Share of the target's frequent words (top 5,000, no stop words) in the source's."""
+
+    name = "vocab"
+
+    def score(self, target, registry, entries, *, progress=False) -> Scores:
+        out = Scores()
+        words = set(target.token_counts)
+        for e in entries:
+            counts = registry.profile(e.id).get("token_counts")
+            if not counts:
+                out.errors[e.id] = "no word profile stored with this ESM"
+            elif not words:
+                out.errors[e.id] = "the target has no words to compare"
+            else:
+                out.values[e.id] = len(words & set(counts)) / len(words)
+        return out
+
+
+class SourceLogME(Scorer):
+    """LogME on target embeddings from each kept fine-tuned source encoder."""
+
+    name = "source-logme"
+
+    def __init__(self, *, batch_size: int = 64) -> None:
+        self.batch_size = batch_size
+
+    def score(self, target, registry, entries, *, progress=False) -> Scores:
+        from esm.encoder import load_encoder
+
+        out = Scores()
+        for e in tqdm(entries, desc="source models", unit="model", disable=not progress,
+                      leave=False):
+            folder = registry.model_dir(e.id)
+            if folder is None:
+                out.errors[e.id] = "no fine-tuned source model kept (build with --keep-models)"
+                continue
+            try:
+                enc = load_encoder(str(folder / "encoder"), pooling=target.encoder.pooling,
+                                   max_length=target.encoder.max_length)
+                feats = enc.embed(target.texts, batch_size=self.batch_size, progress=False)
+                out.values[e.id] = logme_score(feats, target.labels,
+                                               label_kind=target.label_kind)
+            except _PER_ESM_ERRORS as err:
+                out.errors[e.id] = f"{type(err).__name__}: {err}"
+        return out
+
+
+class RandomScorer(Scorer):
+    """Seeded uniform random scores: the floor any method should beat."""
+
+    name = "random"
+
+    def __init__(self, *, seed: int = 0) -> None:
+        self.seed = seed
+
+    def settings(self) -> dict:
+        return {"seed": self.seed}
+
+    def score(self, target, registry, entries, *, progress=False) -> Scores:
+        rng = np.random.default_rng(self.seed)
+        return Scores({e.id: float(v) for e, v in zip(entries, rng.random(len(entries)),
+                                                       strict=True)})
+
+
+SCORERS: dict[str, type[Scorer]] = {
+    cls.name: cls for cls in (ESMLogME, KNN, BaseLogME, TextEmb, VocabOverlap, SourceLogME,
+                              RandomScorer)
+}
+METHODS: tuple[str, ...] = tuple(SCORERS)
+
+
+def get_scorer(method: str, **options) -> Scorer:
+    """Instantiate a scorer by method name; options go to its constructor."""
+    if method not in SCORERS:
+        raise ValueError(f"'method' must be one of {list(SCORERS)}; got {method!r}.")
+    return SCORERS[method](**options)

