@@ -176,6 +176,19 @@ class Encoder:
         return int(self.model.config.hidden_size)
 
     @property
+    def num_layers(self) -> int:
+        """Transformer layers in use (after any early exit)."""
+        return self.layer or int(self.model.config.num_hidden_layers)
+
+    def with_layer(self, layer: int) -> Encoder:
+        """A copy that exits after ``layer`` transformer layers (Kang et al. 2021)."""
+        import copy
+
+        return Encoder(copy.deepcopy(self.model), self.tokenizer, name=self.name,
+                       pooling=self.pooling, max_length=self.max_length, layer=layer,
+                       device=self.device)
+
+    @property
     def fingerprint(self) -> str:
         """Fingerprint of the (full, untruncated-at-load) weights used for embedding."""
         if self._fingerprint is None:
@@ -249,6 +262,37 @@ class Encoder:
                 bar.update(len(idx))
         bar.close()
         return out
+
+    @torch.inference_mode()
+    def layer_similarities(self, texts: Sequence[TextInput], *, batch_size: int = 64
+                           ) -> np.ndarray:
+        """Mean cosine between consecutive layers' pooled outputs, shape (num_layers - 1,).
+
+        Entry ``i`` compares layer ``i + 1`` with layer ``i + 2`` (1-based); values near 1
+        mean the representation has stopped changing (the early-exit signal).
+        """
+        encoded = self.tokenize(list(texts))
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+        sums = np.zeros(self.num_layers - 1)
+        for start in range(0, len(texts), batch_size):
+            feats = [{k: encoded[k][i] for k in keys}
+                     for i in range(start, min(start + batch_size, len(texts)))]
+            batch = dict(self.tokenizer.pad(feats, padding="longest", return_tensors="pt"))
+            out = self.model(**batch, output_hidden_states=True)
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = [(h * mask).sum(1) / mask.sum(1) if self.pooling != "cls" else h[:, 0]
+                      for h in out.hidden_states[1:]]
+            for i in range(len(pooled) - 1):
+                sums[i] += torch.nn.functional.cosine_similarity(
+                    pooled[i], pooled[i + 1]).sum().item()
+        return sums / max(len(texts), 1)
+
+    def choose_exit_layer(self, texts: Sequence[TextInput], *, threshold: float = 0.98) -> int:
+        """Adaptive early exit: the first layer whose pooled output is within ``threshold``
+        cosine of the next layer's (on average over ``texts``); the last layer if none."""
+        sims = self.layer_similarities(texts)
+        hits = np.flatnonzero(sims >= threshold)
+        return int(hits[0]) + 1 if hits.size else self.num_layers
 
     def embed(
         self,

@@ -29,7 +29,7 @@ from esm.catalog import builtin_ids, is_available
 from esm.data import BUILTIN_PREFIX, DataError, Task, load_task, token_counts
 from esm.encoder import Encoder
 from esm.model import ARCHITECTURES, ESMConfig, ESMFitSettings, fit_esm
-from esm.registry import Registry, RegistryEntry
+from esm.registry import STAGING_DIR, Registry, RegistryEntry
 from finetune.train import FinetuneSettings, TaskModel, evaluate, finetune
 
 logger = logging.getLogger(__name__)
@@ -51,11 +51,16 @@ class BuildSettings:
     esm_fit: ESMFitSettings = field(default_factory=ESMFitSettings)
     keep_models: bool = field(
         default=False, metadata={"help": "Also store the fine-tuned source encoder + head."})
+    exit_layers: tuple[int, ...] = field(
+        default=(), metadata={"help": "Also fit ESMs from these early-exit layers' embeddings."})
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"'architecture' must be one of {list(ARCHITECTURES)}; "
                              f"got {self.architecture!r}.")
+        self.exit_layers = tuple(int(k) for k in self.exit_layers)
+        if any(k < 1 for k in self.exit_layers):
+            raise ValueError(f"'exit_layers' must be positive; got {self.exit_layers}.")
         if self.max_examples is not None and self.max_examples < 2:
             raise ValueError(f"'max_examples' must be >= 2 or None; got {self.max_examples}.")
 
@@ -63,6 +68,7 @@ class BuildSettings:
         """The settings that change the ESM (``keep_models`` does not)."""
         d = dataclasses.asdict(self)
         d.pop("keep_models")
+        d.pop("exit_layers")  # each layer's ESM is keyed by its own encoder identity
         return d
 
 
@@ -133,6 +139,22 @@ def _save_source_model(model: TaskModel, task: Task, folder: Path) -> None:
          "max_length": model.encoder.max_length}, indent=2, sort_keys=True))
 
 
+def _add_esm(registry, task, capped, base_encoder, base, tuned, *, key, settings, extra,
+             model_dir) -> RegistryEntry:
+    config = ESMConfig(
+        encoder=dataclasses.asdict(base_encoder.identity), task_id=task.task_id,
+        task_data_hash=task.data_hash(), task_origin=task.origin,
+        num_examples=len(capped.train), label_kind=task.label_kind, classes=list(task.classes),
+        finetune=extra["finetune"])
+    esm, _ = fit_esm(base, tuned, architecture=settings.architecture, rank=settings.rank,
+                     hidden_dim=settings.hidden_dim, settings=settings.esm_fit, config=config)
+    esm.config.metrics.update(extra["metrics"])
+    mean = base.astype(np.float64).mean(0)
+    task_vector = (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
+    return registry.add(esm, esm_id=f"{task.task_id}-{key[:8]}", settings_key=key,
+                        task_vector=task_vector, profile=extra["profile"], model_dir=model_dir)
+
+
 def build_source(
     registry: Registry,
     encoder: Encoder,
@@ -141,11 +163,21 @@ def build_source(
     settings: BuildSettings,
     cache: EmbeddingCache | None = None,
     progress: bool = True,
-) -> RegistryEntry | None:
-    """Build and add one source's ESM; returns None when it is already present."""
-    key = settings_key(encoder, task, settings)
-    if registry.find(key) is not None:
-        return None
+) -> list[RegistryEntry]:
+    """Fine-tune on one source and add its ESM(s); returns the entries added.
+
+    One ESM maps the full encoder's embeddings; with ``settings.exit_layers`` one
+    more per layer maps that early-exit layer's embeddings (Kang et al. 2021) to
+    the same fine-tuned space. Entries already present are skipped; when all are,
+    nothing is fine-tuned.
+    """
+    base_encoders = [encoder] + [encoder.with_layer(k) for k in settings.exit_layers
+                                 if k != encoder.num_layers]
+    keys = [settings_key(e, task, settings) for e in base_encoders]
+    todo = [(e, k) for e, k in zip(base_encoders, keys, strict=True)
+            if registry.find(k) is None]
+    if not todo:
+        return []
     capped = task.subsample(max_train=settings.max_examples, max_test=settings.max_eval,
                             seed=settings.finetune.seed)
     tuned_encoder = Encoder(copy.deepcopy(encoder.model), encoder.tokenizer,
@@ -157,29 +189,27 @@ def build_source(
                       desc=f"fine-tuning {task.task_id}")
     source_metrics = evaluate(model, capped, capped.test)
     inputs = capped.train.inputs()
-    base = encoder.embed(inputs, cache=cache, progress=progress)
     tuned = tuned_encoder.embed(inputs, progress=progress)
-    config = ESMConfig(
-        encoder=dataclasses.asdict(encoder.identity), task_id=task.task_id,
-        task_data_hash=task.data_hash(), task_origin=task.origin,
-        num_examples=len(capped.train), label_kind=task.label_kind, classes=list(task.classes),
-        finetune={**settings.finetune.to_dict(), "max_examples": settings.max_examples,
-                  "steps": result.steps, "seconds": round(result.seconds, 1)},
-    )
-    esm, _ = fit_esm(base, tuned, architecture=settings.architecture, rank=settings.rank,
-                     hidden_dim=settings.hidden_dim, settings=settings.esm_fit, config=config)
-    esm.config.metrics.update({f"source_test_{k}": v for k, v in source_metrics.items()})
-    mean = base.astype(np.float64).mean(0)
-    task_vector = (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
     texts = [t if isinstance(t, str) else f"{t[0]} {t[1]}" for t in inputs]
-    profile = {"num_train": len(capped.train), "token_counts": token_counts(texts)}
-    with tempfile.TemporaryDirectory(dir=registry.path) as tmp:
-        model_dir = None
-        if settings.keep_models:
-            model_dir = Path(tmp) / "model"
-            _save_source_model(model, task, model_dir)
-        return registry.add(esm, esm_id=f"{task.task_id}-{key[:8]}", settings_key=key,
-                            task_vector=task_vector, profile=profile, model_dir=model_dir)
+    extra = {
+        "finetune": {**settings.finetune.to_dict(), "max_examples": settings.max_examples,
+                     "steps": result.steps, "seconds": round(result.seconds, 1)},
+        "metrics": {f"source_test_{k}": v for k, v in source_metrics.items()},
+        "profile": {"num_train": len(capped.train), "token_counts": token_counts(texts)},
+    }
+    added = []
+    staging = registry.path / STAGING_DIR
+    staging.mkdir(parents=True, exist_ok=True)
+    for i, (base_encoder, key) in enumerate(todo):
+        base = base_encoder.embed(inputs, cache=cache, progress=progress)
+        with tempfile.TemporaryDirectory(dir=staging) as tmp:
+            model_dir = None
+            if settings.keep_models and i == 0 and base_encoder is encoder:
+                model_dir = Path(tmp) / "model"
+                _save_source_model(model, task, model_dir)
+            added.append(_add_esm(registry, task, capped, base_encoder, base, tuned, key=key,
+                                  settings=settings, extra=extra, model_dir=model_dir))
+    return added
 
 
 def build_registry(
@@ -209,15 +239,15 @@ def build_registry(
         t0 = time.perf_counter()
         try:
             task = load_task(item, **(task_options or {})) if isinstance(item, str) else item
-            entry = build_source(reg, encoder, task, settings=settings, cache=cache,
+            entries = build_source(reg, encoder, task, settings=settings, cache=cache,
                                  progress=progress)
         except (DataError, ValueError, RuntimeError) as err:
             logger.error("Source %s failed: %s", name, err)
             report.failed[name] = f"{type(err).__name__}: {err}"
             continue
-        if entry is None:
+        if not entries:
             report.skipped.append(name)
-        else:
+        for entry in entries:
             report.added.append(entry.id)
             report.per_source_seconds[entry.id] = round(time.perf_counter() - t0, 1)
     report.seconds = time.perf_counter() - start

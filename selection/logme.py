@@ -39,6 +39,8 @@ LABEL_KINDS: tuple[str, ...] = ("classification", "regression")
 # is orthogonal to the features (or fitted exactly), where the optimum is at infinity.
 _TINY = 1e-300
 _EPS = float(np.finfo(np.float64).eps)
+# Relative size below which a residual share of ||y||^2 is round-off of the projection.
+_ROUNDOFF = 1e-10
 _LOG_2PI = math.log(2.0 * math.pi)
 
 __all__ = [
@@ -136,23 +138,82 @@ def _evidence_rows(
     s: np.ndarray, x2: np.ndarray, resid: np.ndarray, alpha: np.ndarray, beta: np.ndarray,
     n: int,
 ) -> np.ndarray:
-    """Per-sample evidence for rows of target columns (see :func:`log_evidence`)."""
-    _, _, m2, res2, logdet = _posterior_terms(s, x2, resid, alpha / beta, n)
-    # Explicitly (You et al. eq. 2, A = alpha I_d + beta F^T F with d eigenvalues):
-    #   n/2 log beta + d/2 log alpha - n/2 log 2pi - beta/2 ||y - F m||^2 - alpha/2 ||m||^2
-    #   - 1/2 [sum_{i<=r} log(alpha + beta s_i) + (d - r) log alpha].
-    # The d/2 log alpha and the d log-alpha parts of log|A| cancel, leaving
-    # -1/2 sum_{i<=r} log(1 + s_i / t): d drops out, as it must for the marginal
-    # N(y | 0, beta^-1 I + alpha^-1 F F^T). Dropping the (d - r) log alpha term instead
-    # is thuml/LogME issue #23 (wrong whenever r < d, e.g. n < d).
-    ev = (
-        0.5 * n * np.log(beta)
-        - 0.5 * n * _LOG_2PI
-        - 0.5 * beta * res2
-        - 0.5 * alpha * m2
-        - 0.5 * logdet
-    )
-    return ev / n
+    """Per-sample evidence for rows of target columns (see :func:`log_evidence`).
+
+    ``alpha = inf`` or ``beta = inf`` give the limits there (see :func:`_boundary`).
+    """
+    ev = np.empty(s.shape[0])
+    a_inf = np.isinf(alpha)
+    b_inf = np.isinf(beta) & ~a_inf
+    mid = ~(a_inf | b_inf)
+    if np.any(mid):
+        a, b = alpha[mid], beta[mid]
+        _, _, m2, res2, logdet = _posterior_terms(s[mid], x2[mid], resid[mid], a / b, n)
+        # Explicitly (You et al. eq. 2, A = alpha I_d + beta F^T F with d eigenvalues):
+        #   n/2 log beta + d/2 log alpha - n/2 log 2pi - beta/2 ||y - F m||^2
+        #   - alpha/2 ||m||^2 - 1/2 [sum_{i<=r} log(alpha + beta s_i) + (d - r) log alpha].
+        # The d/2 log alpha and the d log-alpha parts of log|A| cancel, leaving
+        # -1/2 sum_{i<=r} log(1 + s_i / t): d drops out, as it must for the marginal
+        # N(y | 0, beta^-1 I + alpha^-1 F F^T). Dropping the (d - r) log alpha term
+        # instead is thuml/LogME issue #23 (wrong whenever r < d, e.g. n < d).
+        ev[mid] = (0.5 * n * np.log(b) - 0.5 * n * _LOG_2PI - 0.5 * b * res2
+                   - 0.5 * a * m2 - 0.5 * logdet) / n
+    if np.any(a_inf):
+        # alpha -> inf: m = 0, y ~ N(0, beta^-1 I).
+        y_sq = x2[a_inf].sum(axis=1) + resid[a_inf]
+        b = beta[a_inf]
+        ev[a_inf] = 0.5 * np.log(b) - 0.5 * _LOG_2PI - 0.5 * b * y_sq / n
+    if np.any(b_inf):
+        ev[b_inf] = _noise_free_evidence(s[b_inf], x2[b_inf], resid[b_inf], alpha[b_inf], n)
+    return ev
+
+
+def _noise_free_evidence(
+    s: np.ndarray, x2: np.ndarray, resid: np.ndarray, alpha: np.ndarray, n: int
+) -> np.ndarray:
+    """``log N(y | 0, alpha^-1 F F^T) / n``, the ``beta -> inf`` limit, per row.
+
+    Finite only when ``F F^T`` is nonsingular (``r = n``, every ``s_i > 0``) and so
+    ``y`` has no residual; ``-inf`` when ``y`` leaves ``span(F)``; ``+inf`` when ``y``
+    lies in a proper subspace of ``R^n`` spanned by ``F`` (the density is unbounded).
+    ``resid`` up to ``_ROUNDOFF * ||y||^2`` counts as zero.
+    """
+    y_sq = x2.sum(axis=1) + resid
+    outside = (resid > _ROUNDOFF * y_sq) | np.any((s <= 0) & (x2 > _ROUNDOFF * y_sq[:, None]),
+                                                  axis=1)
+    singular = (s.shape[1] < n) | np.any(s <= 0, axis=1)
+    safe = np.where(s > 0, s, 1.0)
+    quad = (x2 / safe * (s > 0)).sum(axis=1)
+    logdet = np.log(safe).sum(axis=1)
+    ev = -0.5 * (_LOG_2PI + (logdet - n * np.log(alpha) + alpha * quad) / n)
+    return np.where(outside, -np.inf, np.where(singular, np.inf, ev))
+
+
+def _boundary(
+    s: np.ndarray, x2: np.ndarray, resid: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best evidence on the finite boundaries of (alpha, beta), per row.
+
+    The fixed point runs off to one when no interior maximum exists: ``alpha -> inf``
+    (the features explain nothing; ``beta = n / ||y||^2``) or, when ``F F^T`` is
+    nonsingular (``n <= d``), ``beta -> inf`` (noise-free fit; ``alpha = n / y^T
+    (F F^T)^-1 y``). Returns ``evidence, alpha, beta`` of the better one.
+    """
+    y_sq = x2.sum(axis=1) + resid
+    beta_inf = n / y_sq
+    ev = 0.5 * np.log(beta_inf) - 0.5 * _LOG_2PI - 0.5
+    alpha = np.full(s.shape[0], np.inf)
+    beta = beta_inf
+    if s.shape[1] == n:
+        safe = np.where(s > 0, s, 1.0)
+        quad = (x2 / safe).sum(axis=1)
+        alpha0 = n / np.maximum(quad, _TINY)
+        ev0 = _noise_free_evidence(s, x2, resid, alpha0, n)
+        better = np.isfinite(ev0) & (ev0 > ev)
+        ev = np.where(better, ev0, ev)
+        alpha = np.where(better, alpha0, alpha)
+        beta = np.where(better, np.inf, beta)
+    return ev, alpha, beta
 
 
 def _rows(
@@ -160,9 +221,10 @@ def _rows(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(..., r), (..., r, k), (..., k) -> one row per (batch, column): (N, r), (N, r), (N,)."""
     r, k = proj.shape[-2], proj.shape[-1]
-    s = np.repeat(sigma2.reshape(-1, r), k, axis=0)
-    x2 = np.square(np.swapaxes(proj, -1, -2)).reshape(-1, r)
-    return s, x2, resid2.reshape(-1)
+    batch = math.prod(sigma2.shape[:-1])
+    s = np.repeat(sigma2.reshape(batch, r), k, axis=0)
+    x2 = np.square(np.swapaxes(proj, -1, -2)).reshape(batch * k, r)
+    return s, x2, resid2.reshape(batch * k)
 
 
 def log_evidence(
@@ -266,6 +328,12 @@ def logme_fixed_point(
         logger.warning("%d target column(s) are identically zero; their evidence is "
                        "unbounded and reported as NaN.", int(zero.sum()))
     active = np.flatnonzero(~zero)
+    if s.shape[1]:
+        s_max = s.max(axis=1)
+        # Only a nonsingular F F^T (r = n, all s_i > 0) lets beta run to infinity.
+        s_min = s.min(axis=1) if s.shape[1] == n else np.zeros(rows)
+    else:
+        s_max = s_min = np.zeros(rows)
     for it in range(1, max_iter + 1):
         if active.size == 0:
             break
@@ -282,11 +350,25 @@ def logme_fixed_point(
         n_iter[active] = it
         done = np.abs(t_new - t) <= tol * t
         converged[active[done]] = True
+        # Once alpha / beta is beyond round-off of the spectrum, the model is numerically
+        # on a boundary, whose limit is taken below.
+        sm = s_max[active]
+        done |= ((sm > 0) & (t_new * _EPS > sm)) | (t_new < s_min[active] * _EPS)
         active = active[~done]
 
     evidence = np.full(rows, np.nan)
     ok = ~zero
     evidence[ok] = _evidence_rows(s[ok], x2[ok], resid[ok], alpha[ok], beta[ok], n)
+    # The supremum may lie on a boundary the iteration was only heading for (common:
+    # alpha -> inf for features that carry nothing about a column), where it would
+    # crawl for max_iter rounds and still fall short; take the limit there instead.
+    if np.any(ok):
+        idx = np.flatnonzero(ok)
+        ev_b, alpha_b, beta_b = _boundary(s[idx], x2[idx], resid[idx], n)
+        better = ev_b > evidence[idx]
+        idx = idx[better]
+        evidence[idx], alpha[idx], beta[idx] = ev_b[better], alpha_b[better], beta_b[better]
+        converged[idx] = True
     n_bad = int(np.sum(~converged & ok))
     if n_bad:
         logger.debug("LogME fixed point: %d of %d column(s) not converged after %d rounds.",
@@ -398,14 +480,21 @@ def _targets(
 
 
 def _gram_decomposition(
-    F: np.ndarray, Y: np.ndarray, *, want_loadings: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    F: np.ndarray, Y: np.ndarray, *, want_loadings: bool, exact_residual: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Thin SVD ``F = U S V^T`` from the smaller Gram matrix, nonzero directions only.
 
-    Returns ``sigma2 = S^2`` (r,) descending, ``U^T Y`` (r, k) and, if asked, the
-    loadings ``U^T F = S V^T`` (r, d). Directions with ``s_i`` below round-off of the
-    Gram (relative ``max(n, d) * eps``) are dropped: they would contribute
-    ``O(s_i / t)`` to the evidence, and their share of ``y`` stays in the residual.
+    Returns ``sigma2 = S^2`` (r,) descending, ``U^T Y`` (r, k), ``resid2`` (k,) and, if
+    asked, the loadings ``U^T F = S V^T`` (r, d). Directions with ``s_i`` below
+    round-off of the Gram (relative ``max(n, d) * eps``) are dropped: they would
+    contribute ``O(s_i / t)`` to the evidence, and their share of ``y`` stays in the
+    residual.
+
+    ``resid2 = ||y - U U^T y||^2`` is formed from the residual vector whenever ``U``
+    is at hand (``n <= d``) or ``exact_residual`` asks for it, because
+    ``||y||^2 - ||U^T y||^2`` carries an error of ``eps ||y||^2`` that the evidence
+    multiplies by ``beta``, which is huge when ``y`` is (nearly) in ``span(F)``, as it
+    always is for ``n <= d``.
     """
     n, d = F.shape
     if n <= d:
@@ -419,11 +508,19 @@ def _gram_decomposition(
     if n <= d:
         coords = U.T @ Y
         loadings = U.T @ F if want_loadings else None
+        left: np.ndarray | None = U
     else:
         root = np.sqrt(s)
         coords = (U.T @ (F.T @ Y)) / root[:, None]
         loadings = root[:, None] * U.T if want_loadings else None
-    return s, coords, loadings
+        left = (F @ U) / root if exact_residual else None
+    if left is not None:
+        diff = Y - left @ coords
+        resid2 = np.einsum("ij,ij->j", diff, diff)
+    else:
+        resid2 = np.maximum(np.einsum("ij,ij->j", Y, Y) - np.einsum("ij,ij->j", coords, coords),
+                            0.0)
+    return s, coords, resid2, loadings
 
 
 def feature_spectrum(
@@ -456,9 +553,7 @@ def feature_spectrum(
                          f"got shape {np.shape(targets)}.")
     if not np.all(np.isfinite(Y)):
         raise ValueError("'targets' must be finite; got NaN or inf.")
-    s, coords, _ = _gram_decomposition(F, Y, want_loadings=False)
-    resid2 = np.maximum(np.einsum("ij,ij->j", Y, Y) - np.einsum("ij,ij->j", coords, coords),
-                        0.0)
+    s, coords, resid2, _ = _gram_decomposition(F, Y, want_loadings=False, exact_residual=False)
     return s, coords, resid2
 
 
@@ -602,7 +697,9 @@ class TargetBasis:
         self.label_kind = label_kind
         self.classes = classes
         X1 = np.concatenate([X, np.ones((self.n, 1))], axis=1)
-        sigma2, coords, loadings = _gram_decomposition(X1, Y, want_loadings=True)
+        # Once per target, so the residual is worth forming exactly (see _gram_decomposition).
+        sigma2, coords, resid2, loadings = _gram_decomposition(X1, Y, want_loadings=True,
+                                                               exact_residual=True)
         assert loadings is not None
         self.full_rank = int(sigma2.size)
         keep = self.full_rank if rank is None else min(int(rank), self.full_rank)
@@ -611,8 +708,8 @@ class TargetBasis:
         self.coords = np.ascontiguousarray(coords[:keep])
         self.loadings = np.ascontiguousarray(loadings[:keep])
         self.y_sq = np.einsum("ij,ij->j", Y, Y)
-        self.resid2 = np.maximum(self.y_sq - np.einsum("ij,ij->j", self.coords, self.coords),
-                                 0.0)
+        # The dropped directions' share of y joins the residual in approximate mode.
+        self.resid2 = resid2 + np.einsum("ij,ij->j", coords[keep:], coords[keep:])
         self._gram: np.ndarray | None = None
         self._cross: np.ndarray | None = None
 
@@ -677,8 +774,11 @@ def _maps_spectrum(
     # P^T c = Sigma^-1 R^T M^T c on the kept directions; dropped ones go to the residual.
     proj = np.swapaxes(R, 1, 2) @ (Wt @ cross)  # (B, d_out, k)
     proj = np.where(keep[:, :, None], proj / np.sqrt(np.where(keep, s, 1.0))[:, :, None], 0.0)
-    resid2 = np.maximum(basis.y_sq[None, :] - np.einsum("brk,brk->bk", proj, proj), 0.0)
-    return s, proj, resid2
+    # ||c||^2 - ||P^T c||^2 cancels to within eps ||c||^2; fine unless y is fitted almost
+    # exactly by d_out < r directions, where only the (r, r) side would be more precise.
+    c_sq = np.einsum("ij,ij->j", basis.coords, basis.coords)
+    inside = np.maximum(c_sq[None, :] - np.einsum("brk,brk->bk", proj, proj), 0.0)
+    return s, proj, basis.resid2[None, :] + inside
 
 
 def _available_cpus() -> int:

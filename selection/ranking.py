@@ -149,6 +149,20 @@ def _candidates(registry: Registry, target: Target, *, exclude_target: bool
     return matching, len(entries) - len(matching)
 
 
+def _auto_layer(reg: Registry, task: Task, encoder, threshold: float) -> int | None:
+    """The adaptive exit layer, rounded up to one the registry has ESMs for."""
+    known = reg.encoders()
+    name = encoder.name if isinstance(encoder, Encoder) else (
+        encoder or (known[0].name if known else DEFAULT_ENCODER))
+    full = encoder if isinstance(encoder, Encoder) else load_encoder(name)
+    sample = task.train.take(range(min(64, len(task.train)))).inputs()
+    wanted = full.choose_exit_layer(sample, threshold=threshold)
+    layers = sorted({k.layer or full.num_layers for k in known if k.name == name})
+    chosen = next((k for k in layers if k >= wanted), full.num_layers)
+    logger.info("Adaptive early exit: layer %d (registry has %s).", chosen, layers)
+    return None if chosen >= full.num_layers else chosen
+
+
 def rank(
     target: str | Task,
     registry: str | Path | Registry | None = None,
@@ -160,7 +174,8 @@ def rank(
     top: int | None = None,
     prefilter: int | None = None,
     approx_rank: int | None = None,
-    layer: int | None = None,
+    layer: int | str | None = None,
+    exit_threshold: float = 0.98,
     max_examples: int | None = DEFAULT_MAX_TARGET,
     cache: EmbeddingCache | bool = True,
     exclude_target: bool = True,
@@ -190,9 +205,12 @@ def rank(
         index (TextEmb similarity), then rank those by ``method``.
     approx_rank : int, optional
         ESM-LogME approximation: keep the target's top principal directions.
-    layer : int, optional
-        Early exit: embed with the first ``layer`` encoder layers; only ESMs
-        trained on that layer's embeddings match.
+    layer : int, 'auto' or None
+        Early exit (after Kang et al. 2021): embed with the first ``layer`` encoder
+        layers; only ESMs trained on that layer's embeddings match. ``'auto'`` picks
+        the first layer whose pooled output stops changing (cosine to the next layer
+        >= ``exit_threshold`` on up to 64 target texts), rounded up to a layer the
+        registry has ESMs for.
     max_examples : int, optional
         Cap on target training examples used (stratified).
 
@@ -207,6 +225,8 @@ def rank(
     task = load_task(target, **(task_options or {})) if isinstance(target, str) else target
     scorer: Scorer = get_scorer(method, **({"approx_rank": approx_rank} if approx_rank else {}),
                                 **(scorer_options or {}))
+    if layer == "auto":
+        layer = _auto_layer(reg, task, encoder, exit_threshold)
     if encoder is None or isinstance(encoder, str):
         # Default to the registry's encoder configuration (name, pooling, max length).
         known = reg.encoders()
@@ -215,6 +235,8 @@ def rank(
         encoder = load_encoder(
             name, pooling=pooling or (match.pooling if match else None),
             max_length=max_length or (match.max_length if match else None), layer=layer)
+    elif layer is not None and encoder.layer != layer:
+        encoder = encoder.with_layer(layer)
     timings["load"] = time.perf_counter() - t0
     reg.check_encoder(encoder.identity)
     t1 = time.perf_counter()

@@ -26,8 +26,8 @@ from typing import ClassVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from esm.model import EmbeddingSpaceMap, ESMFormatError
 from esm.encoder import EncoderMismatchError
+from esm.model import EmbeddingSpaceMap, ESMFormatError
 from esm.registry import Registry, RegistryEntry
 from selection.logme import TargetBasis, logme_linear_maps, logme_score
 from selection.target import Target
@@ -101,37 +101,46 @@ class ESMLogME(Scorer):
 
     def score(self, target, registry, entries, *, progress=False) -> Scores:
         out = Scores()
+        bar = tqdm(total=len(entries), desc="ESM-LogME", unit="ESM", disable=not progress,
+                   leave=False)
+        for start in range(0, len(entries), self.chunk):
+            loaded = {}
+            for entry in entries[start:start + self.chunk]:
+                try:
+                    loaded[entry.id] = _load(registry, entry, target)
+                except _PER_ESM_ERRORS as err:
+                    out.errors[entry.id] = f"{type(err).__name__}: {err}"
+            out.update(self.score_maps(target, loaded))
+            bar.update(min(self.chunk, len(entries) - start))
+        bar.close()
+        return out
+
+    def score_maps(self, target: Target, esms: dict[str, EmbeddingSpaceMap]) -> Scores:
+        """Score in-memory ESMs (keyed by id) on ``target``; affine ones in one batch."""
+        out = Scores()
         basis = target.memo(("basis", self.approx_rank),
                             lambda: TargetBasis(target.X, target.labels,
                                                 label_kind=target.label_kind,
                                                 rank=self.approx_rank))
-        bar = tqdm(total=len(entries), desc="ESM-LogME", unit="ESM", disable=not progress,
-                   leave=False)
-        for start in range(0, len(entries), self.chunk):
-            weights, biases, ids = [], [], []
-            for entry in entries[start:start + self.chunk]:
-                try:
-                    esm = _load(registry, entry, target)
-                    affine = esm.affine()
-                    if affine is None:
-                        out.values[entry.id] = logme_score(esm.transform(target.X),
-                                                           target.labels,
-                                                           label_kind=target.label_kind)
-                    else:
-                        weights.append(affine[0])
-                        biases.append(affine[1])
-                        ids.append(entry.id)
-                except _PER_ESM_ERRORS as err:
-                    out.errors[entry.id] = f"{type(err).__name__}: {err}"
-            if ids:
-                scores = logme_linear_maps(basis, np.stack(weights), np.stack(biases))
-                for esm_id, s in zip(ids, scores, strict=True):
-                    if np.isfinite(s):
-                        out.values[esm_id] = float(s)
-                    else:
-                        out.errors[esm_id] = f"LogME returned {s}"
-            bar.update(min(self.chunk, len(entries) - start))
-        bar.close()
+        affine: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for esm_id, esm in esms.items():
+            wb = esm.affine()
+            if wb is not None:
+                affine[esm_id] = wb
+                continue
+            try:  # non-affine maps: materialise this one map's output, score, drop it
+                out.values[esm_id] = logme_score(esm.transform(target.X), target.labels,
+                                                 label_kind=target.label_kind)
+            except _PER_ESM_ERRORS as err:
+                out.errors[esm_id] = f"{type(err).__name__}: {err}"
+        if affine:
+            scores = logme_linear_maps(basis, np.stack([w for w, _ in affine.values()]),
+                                       np.stack([b for _, b in affine.values()]))
+            for esm_id, value in zip(affine, scores, strict=True):
+                if np.isfinite(value):
+                    out.values[esm_id] = float(value)
+                else:
+                    out.errors[esm_id] = f"LogME returned {value}"
         return out
 
 

@@ -54,7 +54,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, prefix: str =
 
 def config_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", **nested) -> Any:
     values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)
-              if getattr(args, prefix + f.name, None) is not None}
+              if f.name not in nested and getattr(args, prefix + f.name, None) is not None}
     return cls(**values, **nested)
 
 
@@ -101,7 +101,7 @@ def cmd_registry_build(args: argparse.Namespace) -> int:
     from finetune.train import FinetuneSettings
 
     settings = config_from_args(
-        BuildSettings, args,
+        BuildSettings, args, exit_layers=tuple(args.exit_layers or ()),
         finetune=config_from_args(FinetuneSettings, args, prefix="ft_"),
         esm_fit=config_from_args(ESMFitSettings, args, prefix="esm_"))
     encoder = _encoder_from_args(args)
@@ -224,14 +224,18 @@ def cmd_rank(args: argparse.Namespace) -> int:
         _print_json(ranking.to_dict())
     else:
         print(ranking)
-        t = ranking.timings
-        print(f"\n{ranking.settings['candidates']} candidates, {ranking.settings['target_examples']}"
-              f" target examples; embed {t['embed']:.2f}s, score {t['score']:.2f}s, "
+        t, st = ranking.timings, ranking.settings
+        print(f"\n{st['candidates']} candidates, {st['target_examples']} target examples; "
+              f"embed {t['embed']:.2f}s, score {t['score']:.2f}s, "
               f"total {t['total']:.2f}s")
     return 0
 
 
 # -- parser -----------------------------------------------------------------------------
+def _layer_arg(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     from esm.encoder import DEFAULT_ENCODER, POOLINGS
 
@@ -279,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Rerank only the K nearest sources in the FAISS task index.")
     p.add_argument("--approx-rank", type=int, default=None,
                    help="ESM-LogME approximation: keep the target's top-r directions.")
-    p.add_argument("--layer", type=int, default=None,
-                   help="Early exit: embed with the first K encoder layers.")
+    p.add_argument("--layer", type=_layer_arg, default=None,
+                   help="Early exit: embed with the first K encoder layers, or 'auto'.")
     p.add_argument("--max-examples", type=int, default=DEFAULT_MAX_TARGET, dest="max_examples",
                    help=f"Cap on target examples (default {DEFAULT_MAX_TARGET}).")
     p.add_argument("--encoder", default=None,
@@ -314,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="builtin:all, task ids (a,b), local files or Hub names.")
     _add_encoder_args(p)
     _add_data_args(p)
-    add_config_args(p, BuildSettings)
+    add_config_args(p, BuildSettings, skip=("exit_layers",))
+    p.add_argument("--exit-layers", nargs="*", type=int, default=None,
+                   help="Also fit ESMs from these early-exit layers (one fine-tune per source).")
     add_config_args(p, FinetuneSettings, prefix="ft_")
     add_config_args(p, ESMFitSettings, prefix="esm_")
     p.add_argument("--cache-dir", default=None, help="Embedding cache folder.")

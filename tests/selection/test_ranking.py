@@ -10,7 +10,7 @@ from esm.registry import Registry
 from finetune.build import BuildSettings, build_registry
 from finetune.train import FinetuneSettings
 from selection.logme import logme_score
-from selection.ranking import Ranking, RankedSource, prepare_target, rank
+from selection.ranking import RankedSource, Ranking, prepare_target, rank
 from selection.scorers import METHODS, knn_loo_accuracy
 from stepstone.cli import main
 from tests.conftest import make_texts
@@ -135,3 +135,29 @@ def test_cli_rank_json_csv_plot(tiny_registry, tmp_path, tiny_model_dir, capsys)
     assert code == 0 and len(out["ranking"]) == 2 and out["timings"]["total"] > 0
     assert out["settings"]["target_examples"] > 0
     assert len(pd.read_csv(tmp_path / "r.csv")) == 2 and (tmp_path / "r.png").exists()
+
+
+def test_early_exit_esms_are_tied_to_their_layer(tmp_path, tiny_model_dir, target_task):
+    encoder = load_encoder(str(tiny_model_dir), max_length=32)
+    texts, labels = make_texts(60, seed=3)
+    report = build_registry(tmp_path, [make_task("src", texts, labels)], encoder=encoder,
+                            progress=False,
+                            settings=BuildSettings(max_examples=30, exit_layers=(1,),
+                                                   finetune=FinetuneSettings(epochs=1)))
+    reg = Registry(tmp_path)
+    assert len(report.added) == 2 and sorted(str(e.layer) for e in reg.entries()) == ["1", "None"]
+    full = rank(target_task, reg, encoder=encoder, cache=False, progress=False)
+    early = rank(target_task, reg, encoder=encoder, layer=1, cache=False, progress=False)
+    assert full.settings["layer"] is None and early.settings["layer"] == 1
+    assert full.rows[0].esm_id != early.rows[0].esm_id  # each ranking used its own layer's ESM
+    assert len(full) == len(early) == 1
+    # adaptive: an impossible threshold falls back to the full encoder, 0 exits at layer 1
+    assert rank(target_task, reg, encoder=encoder, layer="auto", exit_threshold=1.01,
+                cache=False, progress=False).settings["layer"] is None
+    assert rank(target_task, reg, encoder=encoder, layer="auto", exit_threshold=-1.0,
+                cache=False, progress=False).settings["layer"] == 1
+    again = build_registry(tmp_path, [make_task("src", texts, labels)], encoder=encoder,
+                           progress=False,
+                           settings=BuildSettings(max_examples=30, exit_layers=(1,),
+                                                  finetune=FinetuneSettings(epochs=1)))
+    assert again.added == [] and again.skipped == ["src"]
