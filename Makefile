@@ -33,9 +33,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 demo: setup
-	$(VENV)/bin/stepstone tasks
-	$(VENV)/bin/stepstone registry list
 	$(VENV)/bin/stepstone registry verify
+	$(VENV)/bin/stepstone rank $(DEMO_TARGET)
 
 # Rebuild the registry shipped in esm/default_registry (about 25 min on 2 CPU cores).
 registry: setup
@@ -43,6 +42,7 @@ registry: setup
 
 bench: setup
 	$(PY) benchmarks/bench_embedding.py
+	$(PY) benchmarks/bench_rank.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 INDEX_META = "index.json"
-HNSW_THRESHOLD = 50_000  # flat search is exact and fast enough below this many sources
+HNSW_THRESHOLD = 1_000_000  # flat search is exact and takes milliseconds below this
 
 
 def label_of(esm_id: str) -> int:

@@ -5,7 +5,10 @@ for Transfer Learning", ICML 2021) scores features ``F`` (n, d) for targets ``y`
 (n,) by the evidence of Bayesian linear regression ``y = F m + noise`` with prior
 ``m ~ N(0, alpha^-1 I_d)`` and noise ``N(0, beta^-1 I_n)``, maximised over
 ``alpha, beta`` by MacKay's fixed point, divided by ``n`` and averaged over
-target columns (one-hot columns for classification).
+target columns (one-hot columns for classification). Where the maximum lies on
+the boundary (``alpha -> inf``: the features explain nothing about a column; or,
+for ``n <= d``, ``beta -> inf``: a noise-free fit), the closed-form limit is used
+instead of stopping the iteration part-way there.
 
 Everything here works from the spectrum of ``F``: ``sigma2`` (squared singular
 values), ``proj = U^T y`` and the part of ``||y||^2`` outside ``span(U)``. That
@@ -65,13 +68,14 @@ class LogMEFit(NamedTuple):
     evidence: np.ndarray
     """Log marginal likelihood per sample at the returned ``alpha, beta``."""
     alpha: np.ndarray
-    """Prior precision."""
+    """Prior precision; ``inf`` where the maximum is the ``alpha -> inf`` limit."""
     beta: np.ndarray
-    """Noise precision."""
+    """Noise precision; ``inf`` where the maximum is the noise-free limit."""
     n_iter: np.ndarray
     """Fixed-point iterations run per column."""
     converged: np.ndarray
-    """Whether the relative change of ``alpha / beta`` fell to ``tol``."""
+    """Whether ``alpha / beta`` changed by at most ``tol`` (relative), or a boundary
+    limit was taken."""
 
 
 # --------------------------------------------------------------------------- spectrum core
@@ -251,7 +255,8 @@ def log_evidence(
     resid2 : ndarray, shape (..., k)
         ``||y||^2 - ||U^T y||^2``, the part of ``y`` outside ``span(U)``; clipped at 0.
     alpha, beta : float or ndarray broadcastable to (..., k)
-        Prior and noise precisions, positive.
+        Prior and noise precisions, positive; ``inf`` gives the limit there (as
+        returned by :func:`logme_fixed_point` for boundary maxima).
     n, d : int
         Shape of ``F``.
 
@@ -285,6 +290,11 @@ def logme_fixed_point(
     ``gamma = sum_i beta s_i / (alpha + beta s_i)``, ``alpha = gamma / ||m||^2``,
     ``beta = (n - gamma) / ||y - F m||^2`` until ``alpha / beta`` changes by at most
     ``tol`` (relative) or ``max_iter`` rounds; every column iterates on its own.
+
+    The evidence is then compared with its limits on the boundary, ``alpha -> inf``
+    (``y ~ N(0, ||y||^2 / n I)``) and, when ``F F^T`` is nonsingular,
+    ``beta -> inf`` (``y ~ N(0, alpha^-1 F F^T)``), and the larger is returned: there
+    the iteration only creeps towards the supremum and would stop short of it.
 
     Parameters
     ----------
@@ -582,7 +592,8 @@ class LogME:
     evidence_ : ndarray, shape (k,)
         Evidence per sample of each target column.
     alpha_, beta_ : ndarray, shape (k,)
-        Prior and noise precision at the fixed point.
+        Prior and noise precision at the maximum; ``inf`` for a boundary maximum
+        (see :func:`logme_fixed_point`).
     n_iter_ : ndarray, shape (k,)
         Fixed-point rounds per column.
     classes_ : ndarray, shape (k,) or None
@@ -710,20 +721,11 @@ class TargetBasis:
         self.y_sq = np.einsum("ij,ij->j", Y, Y)
         # The dropped directions' share of y joins the residual in approximate mode.
         self.resid2 = resid2 + np.einsum("ij,ij->j", coords[keep:], coords[keep:])
-        self._gram: np.ndarray | None = None
-        self._cross: np.ndarray | None = None
 
     @property
     def n_targets(self) -> int:
         """Number of target columns ``k``."""
         return int(self.y_sq.shape[0])
-
-    def _input_side(self) -> tuple[np.ndarray, np.ndarray]:
-        """``Vx Sx^2 Vx^T`` (d + 1, d + 1) and ``Vx Sx Ux^T Y`` (d + 1, k), cached."""
-        if self._gram is None or self._cross is None:
-            self._gram = self.loadings.T @ self.loadings
-            self._cross = self.loadings.T @ self.coords
-        return self._gram, self._cross
 
     def __repr__(self) -> str:
         return (f"TargetBasis(n={self.n}, d={self.d}, rank={self.rank}/{self.full_rank}, "
@@ -751,28 +753,33 @@ def _check_maps(
 def _maps_spectrum(
     basis: TargetBasis, W: np.ndarray, b: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Spectrum of ``Z = X1 [W, b]^T`` for a batch of maps: (B, r), (B, r, k), (B, k)."""
+    """Spectrum of ``Z = X1 [W, b]^T`` for a batch of maps: (B, m), (B, m, k), (B, k).
+
+    ``m = min(r, d_out)``: with ``N = M^T = Wt (Sx Vx^T)^T`` (B, d_out, r), the
+    eigendecomposition of the smaller of ``N^T N`` (r, r) and ``N N^T`` (d_out, d_out),
+    which dominates the cost, gives both the spectrum and ``U_Z^T y``.
+    """
     Wt = np.concatenate([W, b[:, :, None]], axis=2)  # (B, d_out, d + 1)
     d_out, r = Wt.shape[1], basis.rank
-    # Eigendecompose the smaller of M M^T (r, r) and M^T M (d_out, d_out): it dominates.
+    N = Wt @ basis.loadings.T  # (B, d_out, r)
+    Nt = np.swapaxes(N, 1, 2)
     if r <= d_out:
-        M = basis.loadings @ np.swapaxes(Wt, 1, 2)  # (B, r, d_out)
-        s, P = np.linalg.eigh(M @ np.swapaxes(M, 1, 2))
-        proj = np.swapaxes(P, 1, 2) @ basis.coords  # (B, r, k)
+        # numpy runs X^T X of one buffer as a rank-k update (syrk): half a matmul.
+        s, P = np.linalg.eigh(Nt @ N)  # M M^T = P S P^T, (B, r, r)
+        proj = np.swapaxes(P, 1, 2) @ basis.coords  # P^T (Ux^T y), (B, r, k)
         cut = np.maximum(s[:, -1:], 0.0) * max(r, d_out) * _EPS
         s = np.where(s > cut, s, 0.0)
         # P spans all of R^r, so ||P^T c|| = ||c||; zero eigenvalues keep their share of
         # y, which the evidence treats as residual.
         resid2 = np.broadcast_to(basis.resid2, (W.shape[0], basis.n_targets)).copy()
         return s, proj, resid2
-    # M^T M = Wt (Vx Sx^2 Vx^T) Wt^T and M^T c = Wt (Vx Sx c): only the input side needed.
-    gram, cross = basis._input_side()
-    s, R = np.linalg.eigh(Wt @ gram @ np.swapaxes(Wt, 1, 2))  # (B, d_out, d_out)
+    s, R = np.linalg.eigh(N @ Nt)  # M^T M = R S R^T, (B, d_out, d_out)
     cut = np.maximum(s[:, -1:], 0.0) * max(r, d_out) * _EPS
     keep = s > cut
     s = np.where(keep, s, 0.0)
-    # P^T c = Sigma^-1 R^T M^T c on the kept directions; dropped ones go to the residual.
-    proj = np.swapaxes(R, 1, 2) @ (Wt @ cross)  # (B, d_out, k)
+    # P = M R S^-1/2, so P^T c = S^-1/2 R^T (M^T c) on the kept directions; the dropped
+    # ones go to the residual.
+    proj = np.swapaxes(R, 1, 2) @ (N @ basis.coords)  # (B, d_out, k)
     proj = np.where(keep[:, :, None], proj / np.sqrt(np.where(keep, s, 1.0))[:, :, None], 0.0)
     # ||c||^2 - ||P^T c||^2 cancels to within eps ||c||^2; fine unless y is fitted almost
     # exactly by d_out < r directions, where only the (r, r) side would be more precise.
@@ -847,7 +854,7 @@ def evidence_linear_maps(
         See :func:`logme_fixed_point`.
     batch_size : int
         Most maps processed together per thread; memory is about
-        ``4 * batch_size * min(r, d_out) * max(r, d_out)`` float64 values per thread.
+        ``5 * batch_size * r * d_out`` float64 values per thread.
     n_jobs : int or None
         Threads splitting the maps; None uses every available CPU. With more than
         one, BLAS is limited to one thread for the duration of the call (process

@@ -14,13 +14,16 @@ from esm.model import EmbeddingSpaceMap, ESMConfig, ESMFitSettings, fit_esm
 from esm.registry import Registry, RegistryError, default_registry_path, open_registry
 from finetune.build import BuildReport, BuildSettings, build_registry
 from finetune.train import FinetuneSettings, TaskModel, TrainingError, evaluate, finetune
+from selection.logme import LogME, logme_score
+from selection.ranking import Ranking, rank
+from selection.scorers import METHODS, get_scorer
 
 __all__ = [
-    "DEFAULT_ENCODER", "BuildReport", "BuildSettings", "DataError", "EmbeddingCache",
+    "__version__", "build_registry", "BuildReport", "BuildSettings", "builtin_ids",
+    "catalog_table", "DataError", "DEFAULT_ENCODER", "default_registry_path", "EmbeddingCache",
     "EmbeddingSpaceMap", "Encoder", "EncoderMismatchError", "ESMConfig", "ESMFitSettings",
-    "FinetuneSettings", "Registry", "RegistryError", "Split", "Task", "TaskModel",
-    "TrainingError", "__version__", "build_registry", "builtin_ids", "catalog_table",
-    "default_registry_path", "evaluate", "finetune", "fit_esm", "import_hfselect",
-    "load_builtin", "load_encoder", "load_file", "load_task", "make_task", "open_registry",
-    "read_hfselect_esm",
+    "evaluate", "finetune", "FinetuneSettings", "fit_esm", "get_scorer", "import_hfselect",
+    "load_builtin", "load_encoder", "load_file", "load_task", "LogME", "logme_score", "make_task",
+    "METHODS", "open_registry", "rank", "Ranking", "read_hfselect_esm", "Registry",
+    "RegistryError", "Split", "Task", "TaskModel", "TrainingError",
 ]

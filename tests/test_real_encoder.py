@@ -42,3 +42,16 @@ def test_one_source_registry_with_real_encoder(encoder, tmp_path):
     cfg = reg.config(report.added[0])
     assert cfg.num_examples == 100 and cfg.metrics["val_mse"] < 0.05
     assert esm.transform(np.zeros((2, 384))).shape == (2, 384)
+
+
+def test_rank_shipped_registry_for_a_builtin_target():
+    from esm.catalog import builtin_ids, is_available
+    from selection.ranking import rank
+
+    ranking = rank("builtin:movie_polarity", max_examples=300, cache=False, progress=False)
+    expected = {t for t in builtin_ids() if is_available(t)} - {"movie_polarity"}
+    assert set(ranking.task_ids) == expected and not ranking.errors
+    assert ranking.reference is not None and np.isfinite(ranking.reference)
+    # the ranking is informative: sources do not all score alike
+    scores = [r.score for r in ranking.rows]
+    assert max(scores) - min(scores) > 1e-3

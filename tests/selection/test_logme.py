@@ -280,7 +280,7 @@ def _explicit(X, labels, W, b, **kw):
 
 
 @pytest.mark.parametrize(("n", "d", "d_out"), [
-    (60, 12, 12),  # r = d + 1 > d_out: input-side Gram
+    (60, 12, 12),  # r = d + 1 > d_out: the (d_out, d_out) side
     (60, 12, 20),  # r <= d_out: (r, r) side
     (60, 12, 5),
     (15, 30, 10),  # n < d
