@@ -202,8 +202,9 @@ class Registry:
         except sqlite3.DatabaseError as err:
             raise RegistryError(
                 f"{db} is not a readable stepstone registry database ({err}).") from None
-        if not {"esms", "meta"} <= tables:
-            raise RegistryError(f"{db} lacks the 'esms'/'meta' tables; it is not a registry.")
+        if not {"esms", "meta", "pending"} <= tables:
+            raise RegistryError(f"{db} lacks the 'esms'/'meta'/'pending' tables; it is not a "
+                                "stepstone registry.")
         if not readonly:
             self._recover()
 
@@ -271,7 +272,7 @@ class Registry:
     def check_encoder(self, encoder: EncoderIdentity) -> None:
         """Refuse, naming both, when no ESM here was made for ``encoder``."""
         found = self.encoders()
-        if found and not any(_same_encoder(e, encoder) for e in found):
+        if found and not any(same_encoder(e, encoder) for e in found):
             names = sorted({f"{e.name} ({e.fingerprint}, {e.pooling}, max_length "
                             f"{e.max_length}, layer {e.layer})" for e in found})
             raise EncoderMismatchError(
@@ -413,9 +414,7 @@ class Registry:
             if root.exists():
                 problems += [f"{sub}/{f.name}: folder without row" for f in root.iterdir()
                              if f.name not in known]
-        n_pending = self._conn.execute("SELECT COUNT(*) FROM pending").fetchone()[0] if (
-            "pending" in {r[0] for r in self._conn.execute(
-                "SELECT name FROM sqlite_master WHERE type='table'")}) else 0
+        n_pending = self._conn.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
         if n_pending:
             problems.append(f"{n_pending} interrupted addition(s) pending; open the registry "
                             "for writing to finish or discard them")
@@ -431,7 +430,9 @@ class Registry:
         self.close()
 
 
-def _same_encoder(a: EncoderIdentity, b: EncoderIdentity) -> bool:
+def same_encoder(a: EncoderIdentity, b: EncoderIdentity) -> bool:
+    """Whether embeddings from ``a`` and ``b`` are interchangeable (by fingerprint, or by
+    name and dimension for imported ESMs that carry no fingerprint)."""
     if a.fingerprint and b.fingerprint:
         return (a.fingerprint, a.pooling, a.max_length, a.layer) == (
             b.fingerprint, b.pooling, b.max_length, b.layer)

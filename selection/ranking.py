@@ -13,7 +13,7 @@ import numpy as np
 from esm.cache import EmbeddingCache
 from esm.data import Task, load_task
 from esm.encoder import DEFAULT_ENCODER, Encoder, load_encoder
-from esm.registry import Registry, RegistryEntry, open_registry
+from esm.registry import Registry, RegistryEntry, open_registry, same_encoder
 from selection.index import task_index
 from selection.scorers import Scorer, get_scorer
 from selection.target import Target
@@ -140,10 +140,8 @@ def prepare_target(
 
 def _candidates(registry: Registry, target: Target, *, exclude_target: bool
                 ) -> tuple[list[RegistryEntry], int]:
-    from esm.registry import _same_encoder
-
     entries = registry.entries()
-    matching = [e for e in entries if _same_encoder(e.encoder_identity, target.encoder)]
+    matching = [e for e in entries if same_encoder(e.encoder_identity, target.encoder)]
     if exclude_target:
         matching = [e for e in matching if e.task_id != target.task_id]
     return matching, len(entries) - len(matching)
@@ -256,12 +254,7 @@ def rank(
     t3 = time.perf_counter()
     scores = scorer.score(prepared, reg, entries, progress=progress)
     timings["score"] = time.perf_counter() - t3
-    reference = None
-    if "logme" in method:
-        from selection.scorers import BaseLogME
-
-        reference = BaseLogME().score(prepared, reg, entries[:1]).values.get(
-            entries[0].id) if entries else None
+    reference = prepared.base_logme() if "logme" in method else None
     by_id = {e.id: e for e in entries}
     ordered = sorted(scores.values.items(), key=lambda kv: (-kv[1], by_id[kv[0]].task_id))
     if top is not None:

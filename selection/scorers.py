@@ -73,10 +73,6 @@ def _load(registry: Registry, entry: RegistryEntry, target: Target) -> Embedding
     return esm
 
 
-def _label_kind(target: Target) -> str:
-    return target.label_kind
-
-
 class ESMLogME(Scorer):
     """ESM-LogME (Schulte, Hamborg, Akbik, EMNLP 2024).
 
@@ -200,8 +196,7 @@ class BaseLogME(Scorer):
     name = "logme"
 
     def score(self, target, registry, entries, *, progress=False) -> Scores:
-        value = target.memo("base_logme", lambda: logme_score(
-            target.X, target.labels, label_kind=target.label_kind))
+        value = target.base_logme()
         return Scores({e.id: value for e in entries})
 
 

@@ -49,6 +49,13 @@ class Target:
             self._memo[key] = compute()
         return self._memo[key]
 
+    def base_logme(self) -> float:
+        """LogME of the base embeddings: the "no intermediate step" reference."""
+        from selection.logme import logme_score
+
+        return self.memo("base_logme", lambda: logme_score(self.X, self.labels,
+                                                           label_kind=self.label_kind))
+
     @property
     def n(self) -> int:
         return len(self.labels)

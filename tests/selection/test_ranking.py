@@ -161,3 +161,24 @@ def test_early_exit_esms_are_tied_to_their_layer(tmp_path, tiny_model_dir, targe
                            settings=BuildSettings(max_examples=30, exit_layers=(1,),
                                                   finetune=FinetuneSettings(epochs=1)))
     assert again.added == [] and again.skipped == ["src"]
+
+
+def test_vocab_and_textemb_values(tiny_registry, tiny_model_dir):
+    from selection.scorers import TextEmb, VocabOverlap
+    from selection.target import Target
+
+    reg = Registry(tiny_registry)
+    entries = reg.entries()
+    enc = load_encoder(str(tiny_model_dir), max_length=32)
+    X = np.random.default_rng(0).normal(size=(4, 32)).astype(np.float32)
+    target = Target("t", X, np.array([0, 1, 0, 1]), "classification",
+                    ["good movie", "bad zzzunseen", "good", "movie"], enc.identity)
+    vocab = VocabOverlap().score(target, reg, entries).values
+    for e in entries:
+        source_words = set(reg.profile(e.id)["token_counts"])
+        words = {"good", "movie", "bad", "zzzunseen"}
+        assert vocab[e.id] == pytest.approx(len(words & source_words) / 4)
+    text = TextEmb().score(target, reg, entries).values
+    mean = X.mean(0) / np.linalg.norm(X.mean(0))
+    for e in entries:
+        assert text[e.id] == pytest.approx(float(e.task_vector @ mean), abs=1e-6)
