@@ -89,6 +89,16 @@ def _length_grouped_order(lengths: np.ndarray, batch_size: int, rng: np.random.G
     return np.concatenate(batches) if batches else perm
 
 
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if not n.endswith(NO_DECAY)],
+             "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0}]
+
+
 @dataclass
 class TrainResult:
     """What a fine-tuning run did."""
@@ -106,8 +116,14 @@ def finetune(
     settings: FinetuneSettings | None = None,
     progress: bool = True,
     desc: str = "fine-tuning",
+    lr_distribution: str | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` (encoder and head) on ``split`` in place."""
+    """Fine-tune ``model`` (encoder and head) on ``split`` in place.
+
+    ``lr_distribution``: a layer-wise learning-rate spec (``flat:LR``,
+    ``llrd:LR,DECAY``, ``kenneweg``, a JSON file; see :mod:`finetune.lr`); by
+    default every parameter uses ``settings.lr``.
+    """
     settings = settings or FinetuneSettings()
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -123,14 +139,15 @@ def finetune(
     steps_per_epoch = math.ceil(len(split) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     warmup = int(total * settings.warmup_ratio)
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if p.requires_grad
-                    and not n.endswith(no_decay)], "weight_decay": settings.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if p.requires_grad
-                    and n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
+    if lr_distribution is None:
+        groups = _decay_groups(model, settings.weight_decay)
+    else:
+        from finetune.lr import layer_groups, param_groups, resolve_distribution
+
+        layers = layer_groups(model)
+        groups = param_groups(model, resolve_distribution(lr_distribution, layers), layers,
+                              weight_decay=settings.weight_decay)
     opt = torch.optim.AdamW(groups, lr=settings.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / max(1, warmup) if s < warmup
