@@ -1,0 +1,102 @@
+"""Forgetting and drift measures for the transfer pipeline.
+
+- source retention: the source task's metric with its own head before and after
+  target fine-tuning (difference and ratio);
+- backward transfer (BWT) over a chain of tasks (Lopez-Paz & Ranzato 2017);
+- per-layer weight drift from the pre-trained weights (relative Frobenius norm);
+- linear CKA between layer outputs (Kornblith et al. 2019) on a fixed sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune.lr import layer_groups
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Source metric before/after target fine-tuning: ``delta = after - before``,
+    ``ratio = after / before``."""
+
+    before: float
+    after: float
+
+    @property
+    def delta(self) -> float:
+        return self.after - self.before
+
+    @property
+    def ratio(self) -> float:
+        return self.after / self.before if self.before else float("nan")
+
+
+def backward_transfer(acc: np.ndarray) -> float:
+    """BWT = mean over tasks i < T of ``acc[T-1, i] - acc[i, i]``.
+
+    acc: array of shape (T, T); ``acc[j, i]`` is task i's metric after training on
+    tasks 0..j in order.
+    """
+    acc = np.asarray(acc, dtype=np.float64)
+    if acc.ndim != 2 or acc.shape[0] != acc.shape[1] or acc.shape[0] < 2:
+        raise ValueError(f"'acc' must be a square (T, T) matrix with T >= 2; got {acc.shape}.")
+    T = acc.shape[0]
+    return float(np.mean([acc[T - 1, i] - acc[i, i] for i in range(T - 1)]))
+
+
+def linear_cka(X: np.ndarray, Y: np.ndarray) -> float:
+    """Linear CKA of two representations of the same n examples (Kornblith et al. 2019).
+
+    X: (n, d1), Y: (n, d2). 1 for identical representations up to rotation and
+    isotropic scaling; invariant to both.
+    """
+    X = np.asarray(X, np.float64)
+    Y = np.asarray(Y, np.float64)
+    if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y) or len(X) < 2:
+        raise ValueError(f"Need (n, d1) and (n, d2) with the same n >= 2; got {X.shape}, "
+                         f"{Y.shape}.")
+    X = X - X.mean(0)
+    Y = Y - Y.mean(0)
+    cross = np.linalg.norm(Y.T @ X) ** 2
+    norm = np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y)
+    return float(cross / norm) if norm > 0 else float("nan")
+
+
+@torch.no_grad()
+def weight_drift(reference: nn.Module, tuned: nn.Module) -> dict[str, float]:
+    """Relative drift ``||θ - θ0|| / ||θ0||`` per layer group (embeddings, layer.i, head).
+
+    Only parameters present in both models with equal shapes count (a fresh head
+    has no pre-trained counterpart and is skipped).
+    """
+    ref = dict(reference.named_parameters())
+    out = {}
+    groups = layer_groups(tuned)
+    for g, names in zip(groups.names, groups.params, strict=True):
+        diff = base = 0.0
+        for name in names:
+            p0 = _match(ref, name)
+            if p0 is None:
+                continue
+            p = dict(tuned.named_parameters())[name]
+            if p0.shape != p.shape:
+                continue
+            diff += float((p - p0).double().pow(2).sum())
+            base += float(p0.double().pow(2).sum())
+        if base > 0:
+            out[g] = (diff / base) ** 0.5
+    return out
+
+
+def _match(ref: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """Find ``name`` in ``ref`` allowing a wrapper prefix on either side."""
+    if name in ref:
+        return ref[name]
+    for key, value in ref.items():
+        if name.endswith("." + key) or key.endswith("." + name):
+            return value
+    return None
