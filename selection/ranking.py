@@ -106,7 +106,15 @@ class Ranking:
 
         rows = self.rows[::-1]
         fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
-        ax.barh([r.task_id for r in rows], [r.score for r in rows], color="#4477aa")
+        # Bars start just left of the lowest value: LogME evidences are often negative,
+        # and bars drawn from 0 would make the worst source the longest.
+        values = [r.score for r in rows] + ([self.reference] if self.reference is not None
+                                            else [])
+        span = (max(values) - min(values)) or 1.0
+        left = min(values) - 0.05 * span
+        ax.barh([r.task_id for r in rows], [r.score - left for r in rows], left=left,
+                color="#4477aa")
+        ax.set_xlim(left, max(values) + 0.05 * span)
         if self.reference is not None:
             ax.axvline(self.reference, color="#cc3311", ls="--", lw=1,
                        label="base LogME (no intermediate step)")
