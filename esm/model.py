@@ -34,6 +34,7 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 Architecture = Literal["linear", "lowrank", "mlp"]
 ARCHITECTURES: tuple[str, ...] = ("linear", "lowrank", "mlp")
+AFFINE_ARCHITECTURES: tuple[str, ...] = ("linear", "lowrank")  # ESM(x) = W x + b exactly
 
 
 class ESMFormatError(ValueError):

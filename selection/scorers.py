@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from esm.encoder import EncoderMismatchError
-from esm.model import EmbeddingSpaceMap, ESMFormatError
+from esm.model import AFFINE_ARCHITECTURES, EmbeddingSpaceMap, ESMFormatError
 from esm.registry import Registry, RegistryEntry
 from selection.logme import TargetBasis, logme_linear_maps, logme_score
 from selection.target import Target
@@ -112,32 +112,45 @@ class ESMLogME(Scorer):
         return out
 
     def score_maps(self, target: Target, esms: dict[str, EmbeddingSpaceMap]) -> Scores:
-        """Score in-memory ESMs (keyed by id) on ``target``; affine ones in one batch."""
+        """Score in-memory ESMs (keyed by id) on ``target``.
+
+        Affine maps go through the shared target basis ``chunk`` at a time, so the
+        float64 weight copies alive at once are bounded by the chunk, not the count.
+        """
         out = Scores()
         basis = target.memo(("basis", self.approx_rank),
                             lambda: TargetBasis(target.X, target.labels,
                                                 label_kind=target.label_kind,
                                                 rank=self.approx_rank))
-        affine: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        pending: list[tuple[str, EmbeddingSpaceMap]] = []
         for esm_id, esm in esms.items():
-            wb = esm.affine()
-            if wb is not None:
-                affine[esm_id] = wb
+            if esm.config.architecture in AFFINE_ARCHITECTURES:
+                pending.append((esm_id, esm))
+                if len(pending) == self.chunk:
+                    out.update(_score_affine(basis, pending))
+                    pending = []
                 continue
             try:  # non-affine maps: materialise this one map's output, score, drop it
                 out.values[esm_id] = logme_score(esm.transform(target.X), target.labels,
                                                  label_kind=target.label_kind)
             except _PER_ESM_ERRORS as err:
                 out.errors[esm_id] = f"{type(err).__name__}: {err}"
-        if affine:
-            scores = logme_linear_maps(basis, np.stack([w for w, _ in affine.values()]),
-                                       np.stack([b for _, b in affine.values()]))
-            for esm_id, value in zip(affine, scores, strict=True):
-                if np.isfinite(value):
-                    out.values[esm_id] = float(value)
-                else:
-                    out.errors[esm_id] = f"LogME returned {value}"
+        if pending:
+            out.update(_score_affine(basis, pending))
         return out
+
+
+def _score_affine(basis: TargetBasis, esms: list[tuple[str, EmbeddingSpaceMap]]) -> Scores:
+    out = Scores()
+    pairs = [esm.affine() for _, esm in esms]
+    scores = logme_linear_maps(basis, np.stack([w for w, _ in pairs]),
+                               np.stack([b for _, b in pairs]))
+    for (esm_id, _), value in zip(esms, scores, strict=True):
+        if np.isfinite(value):
+            out.values[esm_id] = float(value)
+        else:
+            out.errors[esm_id] = f"LogME returned {value}"
+    return out
 
 
 def knn_loo_accuracy(features: np.ndarray, labels: np.ndarray, *, k: int = 5) -> float:
