@@ -55,3 +55,19 @@ def test_rank_shipped_registry_for_a_builtin_target():
     # the ranking is informative: sources do not all score alike
     scores = [r.score for r in ranking.rows]
     assert max(scores) - min(scores) > 1e-3
+
+
+def test_shipped_registry_is_what_the_build_command_makes(encoder, tmp_path):
+    """Rerunning the shipped build with today's code and data adds nothing: every
+    source's settings key (encoder fingerprint, data hash, hyper-parameters) matches."""
+    import shutil
+
+    from esm.registry import default_registry_path
+
+    shutil.copytree(default_registry_path(), tmp_path / "reg")
+    report = build_registry(tmp_path / "reg", "builtin:all", encoder=encoder, progress=False)
+    from esm.catalog import builtin_ids, is_available
+
+    available = [t for t in builtin_ids() if is_available(t)]
+    assert report.added == [] and not report.failed
+    assert len(report.skipped) == len(available)
