@@ -182,3 +182,23 @@ def test_vocab_and_textemb_values(tiny_registry, tiny_model_dir):
     mean = X.mean(0) / np.linalg.norm(X.mean(0))
     for e in entries:
         assert text[e.id] == pytest.approx(float(e.task_vector @ mean), abs=1e-6)
+
+
+def test_source_logme_uses_kept_models(tmp_path, tiny_model_dir, target_task):
+    encoder = load_encoder(str(tiny_model_dir), max_length=32)
+    texts, labels = make_texts(60, seed=4)
+    settings = dict(max_examples=30, finetune=FinetuneSettings(epochs=1))
+    build_registry(tmp_path, [make_task("kept", texts, labels)], encoder=encoder,
+                   progress=False, settings=BuildSettings(**settings, keep_models=True))
+    build_registry(tmp_path, [make_task("notkept", texts[:50], labels[:50])], encoder=encoder,
+                   progress=False, settings=BuildSettings(**settings))
+    r = rank(target_task, tmp_path, "source-logme", encoder=encoder, cache=False,
+             progress=False)
+    assert r.task_ids == ["kept"] and "--keep-models" in next(iter(r.errors.values()))
+    # the score is LogME of the target under the kept fine-tuned encoder
+    reg = Registry(tmp_path)
+    kept = next(e for e in reg.entries() if e.task_id == "kept")
+    tuned = load_encoder(str(reg.model_dir(kept.id) / "encoder"), max_length=32)
+    target = prepare_target(target_task, encoder)
+    expected = logme_score(tuned.embed(target.texts, progress=False), target.labels)
+    assert r.rows[0].score == pytest.approx(expected, rel=1e-6)
