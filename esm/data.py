@@ -520,7 +520,13 @@ def load_hub(
     import datasets
     import pandas as pd
 
-    dd = datasets.load_dataset(name, config)
+    try:
+        dd = datasets.load_dataset(name, config)
+    except (ConnectionError, FileNotFoundError, ValueError) as err:
+        raise DataError(
+            f"Cannot load {name!r}: it is not 'builtin:ID', not an existing "
+            f"{'/'.join(FILE_SUFFIXES)} file, and as a Hugging Face Hub dataset it failed: "
+            f"{type(err).__name__}: {err}") from None
     if "train" not in dd:
         raise DataError(f"Hub dataset {name!r} has no 'train' split; it has {list(dd)}.")
     test_name = next((s for s in ("test", "validation") if s in dd), None)

@@ -84,3 +84,8 @@ def test_exclusions_that_leave_one_class_are_refused():
                   exclude_texts=frozenset({"b1", "b2"}))
     with pytest.raises(DataError, match="missing"):
         make_task("x", ["a", "b", "c"], [np.float32("nan"), "p", "q"])
+
+
+def test_unreachable_hub_name_is_a_clear_error():
+    with pytest.raises(DataError, match="not 'builtin:ID', not an existing .*Hub dataset"):
+        load_task("nobody-here/no-such-dataset")
