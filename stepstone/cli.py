@@ -18,8 +18,6 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 logger = logging.getLogger("stepstone")
 
 
@@ -355,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from esm.model import ESMFormatError
     from esm.registry import RegistryError
 
+    # The CLI is one process that never forks tokenizers; silence their fork warning.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
