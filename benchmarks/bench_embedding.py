@@ -3,6 +3,8 @@
 Both modes embed the same texts side by side in one run, alternating, several
 repeats; the medians and their ratio are printed and written to
 benchmarks/results/embedding.json. No cache is used (it would time lookups).
+Early exit (``--exit-layers 3``) adds the dynamically padded throughput of the
+encoder stopped after that many layers (Kang et al. 2021), in the same rotation.
 
     python benchmarks/bench_embedding.py [--n 1000] [--repeats 3]
 """
@@ -30,6 +32,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="Texts per run.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--exit-layers", type=int, nargs="*", default=[2, 4],
+                        help="Also time early exit after these layers.")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "embedding.json"))
     args = parser.parse_args()
 
@@ -37,12 +41,13 @@ def main() -> None:
     texts = [t for task in TASKS for t in load_builtin(task).train.texts[:per_task]]
     encoder = load_encoder()
     encoder.embed(texts[:64], progress=False)  # warm-up
-    times: dict[str, list[float]] = {"dynamic": [], "pad128": []}
+    early = {f"dynamic-layer{k}": encoder.with_layer(k) for k in args.exit_layers}
+    times: dict[str, list[float]] = {"dynamic": [], "pad128": [], **{m: [] for m in early}}
     for _ in range(args.repeats):
         for mode in times:
             start = time.perf_counter()
-            encoder.embed(texts, batch_size=args.batch_size, pad_to_max=(mode == "pad128"),
-                          progress=False)
+            early.get(mode, encoder).embed(texts, batch_size=args.batch_size,
+                                           pad_to_max=(mode == "pad128"), progress=False)
             times[mode].append(time.perf_counter() - start)
     lengths = [len(x) for x in encoder.tokenize(texts)["input_ids"]]
     result = {
