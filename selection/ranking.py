@@ -155,12 +155,10 @@ def _candidates(registry: Registry, target: Target, *, exclude_target: bool
     return matching, len(entries) - len(matching)
 
 
-def _auto_layer(reg: Registry, task: Task, encoder, threshold: float) -> int | None:
+def _auto_layer(reg: Registry, task: Task, full: Encoder, threshold: float) -> int | None:
     """The adaptive exit layer, rounded up to one the registry has ESMs for."""
     known = reg.encoders()
-    name = encoder.name if isinstance(encoder, Encoder) else (
-        encoder or (known[0].name if known else DEFAULT_ENCODER))
-    full = encoder if isinstance(encoder, Encoder) else load_encoder(name)
+    name = full.name
     sample = task.train.take(range(min(64, len(task.train)))).inputs()
     wanted = full.choose_exit_layer(sample, threshold=threshold)
     layers = sorted({k.layer or full.num_layers for k in known if k.name == name})
@@ -231,8 +229,6 @@ def rank(
     task = load_task(target, **(task_options or {})) if isinstance(target, str) else target
     scorer: Scorer = get_scorer(method, **({"approx_rank": approx_rank} if approx_rank else {}),
                                 **(scorer_options or {}))
-    if layer == "auto":
-        layer = _auto_layer(reg, task, encoder, exit_threshold)
     if encoder is None or isinstance(encoder, str):
         # Default to the registry's encoder configuration (name, pooling, max length).
         known = reg.encoders()
@@ -240,8 +236,10 @@ def rank(
         match = next((k for k in known if k.name == name), None)
         encoder = load_encoder(
             name, pooling=pooling or (match.pooling if match else None),
-            max_length=max_length or (match.max_length if match else None), layer=layer)
-    elif layer is not None and encoder.layer != layer:
+            max_length=max_length or (match.max_length if match else None))
+    if layer == "auto":
+        layer = _auto_layer(reg, task, encoder, exit_threshold)
+    if layer is not None and encoder.layer != layer:
         encoder = encoder.with_layer(layer)
     timings["load"] = time.perf_counter() - t0
     reg.check_encoder(encoder.identity)
