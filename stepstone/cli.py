@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = reg.add_subparsers(dest="registry_command", required=True)
 
     def common(p, *, default_ok: bool = True):
-        p.add_argument("--registry", default=None,
+        # Commands that write need an explicit folder: the shipped registry is read-only.
+        p.add_argument("--registry", default=None, required=not default_ok,
                        help="Registry folder" + (" (default: the shipped registry)."
                                                  if default_ok else "."))
         p.add_argument("--json", action="store_true", help="Machine-readable output.")

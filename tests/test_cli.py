@@ -69,3 +69,12 @@ def test_shipped_registry_lists_and_verifies(capsys):
     assert tasks == {t for t in builtin_ids() if is_available(t)}
     code, out, _ = _run(capsys, "registry", "verify", "--json")
     assert code == 0 and json.loads(out)["ok"]
+
+
+def test_writing_commands_need_an_explicit_registry(capsys):
+    for argv in (["registry", "build", "--sources", "sms_spam"], ["registry", "remove", "x"],
+                 ["registry", "import-hfselect", "p"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert "required: --registry" in capsys.readouterr().err
