@@ -131,9 +131,7 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
 def _open(args: argparse.Namespace, *, write: bool = False):
     from esm.registry import Registry, open_registry
 
-    if write:
-        if args.registry is None:
-            raise SystemExit("error: this command changes a registry; pass --registry DIR.")
+    if write:  # the parser makes --registry required for these commands
         return Registry(args.registry, create=getattr(args, "create", False))
     return open_registry(args.registry)
 
