@@ -2,15 +2,27 @@
 
 The loop is deliberately plain PyTorch: AdamW, linear decay, gradient clipping,
 length-grouped batches with dynamic padding, a progress bar, and an early stop
-with a clear message when the loss turns NaN.
+with a clear message when the loss turns NaN. With a checkpoint folder the run
+saves its full state (weights, optimizer, scheduler, RNGs, position in the epoch)
+every few steps, and a killed run resumes from there to the same final weights.
+
+The pieces (:class:`TrainingData`, :func:`build_optimizer`, :func:`task_loss`) are
+public so that loops built on top (ensembles, DENI, SWA) train exactly the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +33,11 @@ from esm.data import Split, Task
 from esm.encoder import Encoder
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_STATE = "trainer_state.json"
+CHECKPOINT_MODEL = "model.safetensors"
+CHECKPOINT_OPTIM = "optimizer.safetensors"
+CHECKPOINT_FORMAT = 1
 
 
 class TrainingError(RuntimeError):
@@ -69,8 +86,12 @@ class TaskModel(nn.Module):
         return self.head(self.dropout(self.encoder.forward_batch(batch)))
 
 
+# -- data -------------------------------------------------------------------------------
+_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 def _batches(encoded, order: np.ndarray, batch_size: int, tokenizer):
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+    keys = [k for k in _INPUT_KEYS if k in encoded]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         feats = [{k: encoded[k][i] for k in keys} for i in idx]
@@ -89,6 +110,53 @@ def _length_grouped_order(lengths: np.ndarray, batch_size: int, rng: np.random.G
     return np.concatenate(batches) if batches else perm
 
 
+class TrainingData:
+    """A split tokenised once, served as length-grouped shuffled batches.
+
+    ``epoch_order(rng)`` draws one epoch's example order; ``batches(order)`` yields
+    ``(indices, inputs, targets)`` with inputs padded to the batch's longest text.
+    """
+
+    def __init__(self, encoder: Encoder, split: Split, *, label_kind: str,
+                 batch_size: int) -> None:
+        if label_kind not in ("classification", "regression"):
+            raise ValueError(f"'label_kind' must be 'classification' or 'regression'; got "
+                             f"{label_kind!r}.")
+        if len(split) == 0:
+            raise TrainingError("Cannot fine-tune on an empty split.")
+        self.encoder = encoder
+        self.label_kind = label_kind
+        self.batch_size = batch_size
+        self.n = len(split)
+        self.encoded = encoder.tokenize(split.inputs())
+        self.lengths = np.array([len(x) for x in self.encoded["input_ids"]])
+        dtype = torch.long if label_kind == "classification" else torch.float32
+        self.labels = torch.as_tensor(split.labels, dtype=dtype)
+        self.split_hash = hashlib.sha256(
+            json.dumps([list(map(str, split.inputs())), np.asarray(split.labels).tolist()])
+            .encode()).hexdigest()[:16]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        return _length_grouped_order(self.lengths, self.batch_size, rng)
+
+    def batches(self, order: np.ndarray
+                ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor], torch.Tensor]]:
+        for idx, inputs in _batches(self.encoded, order, self.batch_size,
+                                    self.encoder.tokenizer):
+            yield idx, inputs, self.labels[torch.as_tensor(idx)]
+
+
+def task_loss(outputs: torch.Tensor, targets: torch.Tensor, label_kind: str) -> torch.Tensor:
+    """Cross-entropy on logits (classification) or MSE on one output (regression)."""
+    if label_kind == "regression":
+        return nn.functional.mse_loss(outputs.squeeze(-1), targets)
+    return nn.functional.cross_entropy(outputs, targets)
+
+
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
@@ -99,13 +167,132 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0}]
 
 
+def optimizer_groups(model: nn.Module, settings: FinetuneSettings,
+                     lr_distribution: str | None = None) -> list[dict]:
+    """AdamW parameter groups: ``settings.lr`` everywhere, or a layer-wise distribution
+    (``flat:LR``, ``llrd:LR,DECAY``, ``kenneweg``, a JSON file; :mod:`finetune.lr`)."""
+    if lr_distribution is None:
+        return _decay_groups(model, settings.weight_decay)
+    from finetune.lr import layer_groups, param_groups, resolve_distribution
+
+    layers = layer_groups(model)
+    return param_groups(model, resolve_distribution(lr_distribution, layers), layers,
+                        weight_decay=settings.weight_decay)
+
+
+def build_optimizer(model: nn.Module, settings: FinetuneSettings, total_steps: int | None,
+                    lr_distribution: str | None = None):
+    """AdamW over ``model``'s trainable parameters, and its schedule.
+
+    Returns ``(optimizer, scheduler)``: linear warm-up for ``warmup_ratio`` of
+    ``total_steps``, then linear decay to 0; ``scheduler`` is None when
+    ``total_steps`` is None (constant learning rates).
+    """
+    opt = torch.optim.AdamW(optimizer_groups(model, settings, lr_distribution), lr=settings.lr)
+    if total_steps is None:
+        return opt, None
+    warmup = int(total_steps * settings.warmup_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup
+        else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    return opt, sched
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, inputs: dict[str, torch.Tensor],
+               targets: torch.Tensor, *, label_kind: str, max_grad_norm: float) -> float:
+    """One forward/backward/clip/step; returns the loss. Raises on a NaN/inf loss."""
+    loss = task_loss(model(inputs), targets, label_kind)
+    if not torch.isfinite(loss):
+        raise TrainingError(f"Loss became {loss.item()}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                   max_grad_norm)
+    opt.step()
+    return loss.item()
+
+
+# -- checkpoints ------------------------------------------------------------------------
+def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = opt.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().clone().contiguous()
+               for i, s in state["state"].items() for k, v in s.items()
+               if isinstance(v, torch.Tensor)}
+    scalars = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()
+               if not isinstance(v, torch.Tensor)}
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, i, k = key.split(".", 2)
+        state.setdefault(int(i), {})[k] = value
+    for key, value in meta["scalars"].items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _write_checkpoint(folder: Path, model: nn.Module, opt, sched, state: dict) -> None:
+    """Write the full training state atomically: to ``folder.tmp``, then swap in."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / CHECKPOINT_MODEL))
+    tensors, meta = _optimizer_to_flat(opt)
+    tensors["torch_rng_state"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / CHECKPOINT_OPTIM))
+    state = {**state, "optimizer": meta,
+             "scheduler": sched.state_dict() if sched is not None else None}
+    (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_checkpoint(folder: Path) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint (``folder`` or, after a crash mid-swap, ``.old``)."""
+    for cand in (folder, folder.with_name(folder.name + ".old")):
+        if (cand / CHECKPOINT_STATE).is_file() and (cand / CHECKPOINT_OPTIM).is_file():
+            return cand, json.loads((cand / CHECKPOINT_STATE).read_text())
+    return None
+
+
+def clear_checkpoint(folder: str | Path) -> None:
+    """Remove a training checkpoint (and any half-swapped copies)."""
+    folder = Path(folder)
+    for cand in (folder, folder.with_name(folder.name + ".old"),
+                 folder.with_name(folder.name + ".tmp")):
+        shutil.rmtree(cand, ignore_errors=True)
+
+
+# -- the loop ---------------------------------------------------------------------------
 @dataclass
 class TrainResult:
-    """What a fine-tuning run did."""
+    """What a fine-tuning run did.
+
+    ``losses``: training loss per step; ``epoch_metrics``: what ``on_epoch_end``
+    returned after each epoch; ``resumed_at``: the step a checkpoint resumed from.
+    """
 
     steps: int
     seconds: float
     losses: list[float]
+    epoch_metrics: list[dict[str, float]] = field(default_factory=list)
+    resumed_at: int | None = None
+
+
+EpochCallback = Callable[[int, "TaskModel"], "dict[str, float] | None"]
 
 
 def finetune(
@@ -117,70 +304,108 @@ def finetune(
     progress: bool = True,
     desc: str = "fine-tuning",
     lr_distribution: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 100,
+    on_epoch_end: EpochCallback | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` (encoder and head) on ``split`` in place.
 
     ``lr_distribution``: a layer-wise learning-rate spec (``flat:LR``,
     ``llrd:LR,DECAY``, ``kenneweg``, a JSON file; see :mod:`finetune.lr`); by
     default every parameter uses ``settings.lr``.
+
+    ``checkpoint_dir``: save the full training state there every
+    ``checkpoint_every`` steps and resume from it when it exists (the resumed run
+    ends with the same weights as an uninterrupted one); removed on success. A
+    checkpoint written by a different run (other settings or data) is an error.
+
+    ``on_epoch_end(epoch, model)``: called with the model in eval mode after each
+    epoch; the dicts it returns are kept in ``TrainResult.epoch_metrics`` (learning
+    curves). Exceptions it raises (e.g. a pruned optuna trial) propagate.
     """
     settings = settings or FinetuneSettings()
+    if checkpoint_every < 1:
+        raise ValueError(f"'checkpoint_every' must be >= 1; got {checkpoint_every}.")
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    enc = model.encoder
-    encoded = enc.tokenize(split.inputs())
-    lengths = np.array([len(x) for x in encoded["input_ids"]])
-    if label_kind == "classification":
-        labels = torch.as_tensor(split.labels, dtype=torch.long)
-        loss_fn: nn.Module = nn.CrossEntropyLoss()
-    else:
-        labels = torch.as_tensor(split.labels, dtype=torch.float32)
-        loss_fn = nn.MSELoss()
-    steps_per_epoch = math.ceil(len(split) / settings.batch_size)
-    total = steps_per_epoch * settings.epochs
-    warmup = int(total * settings.warmup_ratio)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if lr_distribution is None:
-        groups = _decay_groups(model, settings.weight_decay)
-    else:
-        from finetune.lr import layer_groups, param_groups, resolve_distribution
+    data = TrainingData(model.encoder, split, label_kind=label_kind,
+                        batch_size=settings.batch_size)
+    total = data.steps_per_epoch * settings.epochs
+    opt, sched = build_optimizer(model, settings, total, lr_distribution)
+    run_id = hashlib.sha256(json.dumps(
+        {"settings": settings.to_dict(), "lr": lr_distribution, "data": data.split_hash,
+         "kind": label_kind, "head": model.head.out_features}, sort_keys=True).encode()
+    ).hexdigest()[:16]
 
-        layers = layer_groups(model)
-        groups = param_groups(model, resolve_distribution(lr_distribution, layers), layers,
-                              weight_decay=settings.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=settings.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup
-        else max(0.0, (total - s) / max(1, total - warmup)))
-    model.train()
     losses: list[float] = []
+    epoch_metrics: list[dict[str, float]] = []
+    start_epoch, skip, resumed_at, order = 0, 0, None, None
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    found = _read_checkpoint(folder) if folder is not None else None
+    if found is not None:
+        where, state = found
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("run_id") != run_id:
+            raise TrainingError(
+                f"The checkpoint in {where} was written by a different run (other settings, "
+                f"LR distribution or data); remove it or use another checkpoint folder.")
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(where / CHECKPOINT_MODEL)))
+        tensors = load_file(str(where / CHECKPOINT_OPTIM))
+        torch.set_rng_state(tensors.pop("torch_rng_state"))
+        opt.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
+        if sched is not None and state["scheduler"] is not None:
+            sched.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["np_rng"]
+        losses, epoch_metrics = state["losses"], state["epoch_metrics"]
+        start_epoch, skip = state["epoch"], state["batch_in_epoch"]
+        order = np.asarray(state["order"], dtype=np.int64)
+        resumed_at = len(losses)
+        logger.info("Resuming %s from step %d of %d (%s).", desc, resumed_at, total, where)
+
+    model.train()
     start = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
-    step = 0
-    for _ in range(settings.epochs):
-        order = _length_grouped_order(lengths, settings.batch_size, rng)
-        for idx, batch in _batches(encoded, order, settings.batch_size, enc.tokenizer):
-            out = model(batch)
-            y = labels[torch.as_tensor(idx)]
-            loss = loss_fn(out.squeeze(-1), y) if label_kind == "regression" else loss_fn(out, y)
-            if not torch.isfinite(loss):
-                bar.close()
-                raise TrainingError(
-                    f"Loss became {loss.item()} at step {step + 1} of {total} ({desc}); stopped. "
-                    f"Try a lower learning rate than {settings.lr}.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    bar.close()
-    model.eval()
-    enc.invalidate_fingerprint()
-    return TrainResult(step, time.perf_counter() - start, losses)
+    bar = tqdm(total=total, initial=len(losses), desc=desc, unit="step", disable=not progress,
+               leave=False)
+    try:
+        for epoch in range(start_epoch, settings.epochs):
+            if order is None:
+                order = data.epoch_order(rng)
+            for b, (_, inputs, targets) in enumerate(data.batches(order)):
+                if b < skip:
+                    continue
+                try:
+                    loss = train_step(model, opt, inputs, targets, label_kind=label_kind,
+                                      max_grad_norm=settings.max_grad_norm)
+                except TrainingError as err:
+                    raise TrainingError(
+                        f"{err} at step {len(losses) + 1} of {total} ({desc}); stopped. Try a "
+                        f"lower learning rate than {settings.lr}.") from None
+                if sched is not None:
+                    sched.step()
+                losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+                if folder is not None and len(losses) % checkpoint_every == 0 \
+                        and len(losses) < total:
+                    _write_checkpoint(folder, model, opt, sched, {
+                        "format": CHECKPOINT_FORMAT, "run_id": run_id, "epoch": epoch,
+                        "batch_in_epoch": b + 1, "order": order.tolist(),
+                        "np_rng": rng.bit_generator.state, "losses": losses,
+                        "epoch_metrics": epoch_metrics})
+            order, skip = None, 0
+            if on_epoch_end is not None:
+                model.eval()
+                epoch_metrics.append(dict(on_epoch_end(epoch, model) or {}))
+                model.train()
+    finally:
+        bar.close()
+        model.eval()
+        model.encoder.invalidate_fingerprint()
+    if folder is not None:
+        clear_checkpoint(folder)
+    return TrainResult(len(losses), time.perf_counter() - start, losses, epoch_metrics,
+                       resumed_at)
 
 
 @torch.inference_mode()
@@ -196,16 +421,28 @@ def predict(model: TaskModel, split: Split, *, batch_size: int = 64) -> np.ndarr
     return out[:, 0] if model.head.out_features == 1 else out
 
 
-def evaluate(model: TaskModel, task: Task, split: Split | None = None) -> dict[str, float]:
-    """Accuracy and macro-F1 (classification) or MSE and Pearson r (regression)."""
+def metrics_from_outputs(outputs: np.ndarray, labels: np.ndarray, label_kind: str
+                         ) -> dict[str, float]:
+    """Accuracy and macro-F1 from logits/predicted classes (classification), or MSE and
+    Pearson r from predicted values (regression).
+
+    outputs: (n, C) scores or (n,) predicted classes for classification; (n,) values.
+    """
     from sklearn.metrics import accuracy_score, f1_score
 
-    split = split or task.test
-    out = predict(model, split)
-    if task.label_kind == "classification":
-        pred = out.argmax(1)
-        return {"accuracy": float(accuracy_score(split.labels, pred)),
-                "macro_f1": float(f1_score(split.labels, pred, average="macro"))}
-    err = float(np.mean((out - split.labels) ** 2))
-    r = float(np.corrcoef(out, split.labels)[0, 1]) if len(split) > 1 else float("nan")
+    if label_kind == "classification":
+        pred = outputs.argmax(1) if outputs.ndim == 2 else outputs
+        return {"accuracy": float(accuracy_score(labels, pred)),
+                "macro_f1": float(f1_score(labels, pred, average="macro"))}
+    err = float(np.mean((outputs - labels) ** 2))
+    r = float(np.corrcoef(outputs, labels)[0, 1]) if len(labels) > 1 else float("nan")
     return {"mse": err, "pearson": r}
+
+
+def evaluate(model: TaskModel, task: Task, split: Split | None = None) -> dict[str, float]:
+    """Accuracy and macro-F1 (classification) or MSE and Pearson r (regression)."""
+    split = split or task.test
+    return metrics_from_outputs(predict(model, split), split.labels, task.label_kind)
+
+
+PRIMARY_METRIC = {"classification": "accuracy", "regression": "pearson"}

@@ -1,0 +1,131 @@
+"""The training loop's checkpoints: a killed run resumes to the same weights."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import finetune.train as T
+from finetune.train import (
+    FinetuneSettings,
+    TaskModel,
+    TrainingError,
+    build_optimizer,
+    finetune,
+    metrics_from_outputs,
+)
+
+SETTINGS = FinetuneSettings(lr=1e-3, epochs=2, batch_size=4, warmup_ratio=0.2, seed=3)
+
+
+def _model(tiny_encoder) -> TaskModel:
+    torch.manual_seed(11)
+    return TaskModel(copy.deepcopy(tiny_encoder), 2)
+
+
+def _interrupt_at(monkeypatch, write_number: int) -> None:
+    """Let the real checkpoint writer run, then kill the run after its n-th write."""
+    real = T._write_checkpoint
+    writes = []
+
+    def write_then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        writes.append(1)
+        if len(writes) == write_number:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_write_checkpoint", write_then_die)
+
+
+@pytest.mark.parametrize("every,kill_after", [(3, 2), (8, 1)])  # mid-epoch; at an epoch end
+def test_resume_gives_the_uninterrupted_weights(tiny_encoder, small_task, tmp_path, monkeypatch,
+                                                every, kill_after):
+    reference = _model(tiny_encoder)
+    curve = []
+    full = finetune(reference, small_task.train, label_kind="classification", progress=False,
+                    settings=SETTINGS, on_epoch_end=lambda e, m: {"epoch": e})
+    assert full.steps == 16 and full.epoch_metrics == [{"epoch": 0}, {"epoch": 1}]
+
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, kill_after)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(_model(tiny_encoder), small_task.train, label_kind="classification",
+                     progress=False, settings=SETTINGS, checkpoint_dir=ckpt,
+                     checkpoint_every=every, on_epoch_end=lambda e, m: {"epoch": e})
+    assert (ckpt / T.CHECKPOINT_STATE).is_file()
+
+    resumed_model = _model(tiny_encoder)  # a fresh process would rebuild the model this way
+    resumed = finetune(resumed_model, small_task.train, label_kind="classification",
+                       progress=False, settings=SETTINGS, checkpoint_dir=ckpt,
+                       checkpoint_every=every,
+                       on_epoch_end=lambda e, m: curve.append(e) or {"epoch": e})
+    assert resumed.resumed_at == every * kill_after
+    assert resumed.losses == pytest.approx(full.losses, abs=0)
+    assert resumed.epoch_metrics == full.epoch_metrics
+    # the epoch-end callback reruns only for epochs whose callback had not run when killed
+    assert curve == list(range((every * kill_after - 1) // 8, 2))
+    for (name, a), b in zip(reference.state_dict().items(), resumed_model.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    assert not ckpt.exists()  # removed on success
+
+
+def test_checkpoint_from_another_run_is_refused(tiny_encoder, small_task, tmp_path,
+                                                monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(_model(tiny_encoder), small_task.train, label_kind="classification",
+                     progress=False, settings=SETTINGS, checkpoint_dir=ckpt, checkpoint_every=2)
+    other = FinetuneSettings(**{**SETTINGS.to_dict(), "lr": 5e-4})
+    with pytest.raises(TrainingError, match="different run"):
+        finetune(_model(tiny_encoder), small_task.train, label_kind="classification",
+                 progress=False, settings=other, checkpoint_dir=ckpt)
+    assert (ckpt / T.CHECKPOINT_STATE).is_file()  # nothing lost
+
+
+def test_crash_between_the_renames_resumes_from_the_old_copy(tiny_encoder, small_task,
+                                                            tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(_model(tiny_encoder), small_task.train, label_kind="classification",
+                     progress=False, settings=SETTINGS, checkpoint_dir=ckpt, checkpoint_every=5)
+    ckpt.rename(tmp_path / "ckpt.old")  # state just before `tmp.rename(folder)`
+    (tmp_path / "ckpt.tmp").mkdir()  # a half-written newer copy is ignored
+    result = finetune(_model(tiny_encoder), small_task.train, label_kind="classification",
+                      progress=False, settings=SETTINGS, checkpoint_dir=ckpt, checkpoint_every=5)
+    assert result.resumed_at == 5 and result.steps == 16
+
+
+def test_optimizer_state_round_trips(tiny_encoder, small_task):
+    model = _model(tiny_encoder)
+    finetune(model, small_task.train, label_kind="classification", progress=False,
+             settings=FinetuneSettings(epochs=1, batch_size=8))
+    opt, _ = build_optimizer(model, SETTINGS, None)
+    loss = model(dict(model.encoder.tokenizer(["good movie"], return_tensors="pt"))).sum()
+    loss.backward()
+    opt.step()
+    tensors, meta = T._optimizer_to_flat(opt)
+    rebuilt = T._optimizer_from_flat(tensors, meta)
+    original = opt.state_dict()
+    assert rebuilt["param_groups"] == original["param_groups"]
+    for i, state in original["state"].items():
+        for k, v in state.items():
+            assert torch.equal(torch.as_tensor(rebuilt["state"][i][k]), torch.as_tensor(v))
+
+
+def test_metrics_from_outputs():
+    labels = np.array([0, 1, 1, 0])
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [1.0, 0.0]])
+    m = metrics_from_outputs(logits, labels, "classification")
+    assert m["accuracy"] == 0.75
+    assert metrics_from_outputs(logits.argmax(1), labels, "classification") == m
+    r = metrics_from_outputs(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0]), "regression")
+    assert r["mse"] == pytest.approx(1 / 3) and r["pearson"] > 0.95
