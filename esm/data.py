@@ -561,6 +561,8 @@ def load_task(spec: str | Task, **options) -> Task:
         from esm.catalog import load_builtin
 
         return load_builtin(spec[len(BUILTIN_PREFIX):])
+    if spec.startswith("hub:"):  # the origin recorded for Hub tasks
+        return load_hub(spec[len("hub:"):], **options)
     path = Path(spec)
     if path.suffix.lower() in FILE_SUFFIXES or path.exists() or "\\" in spec:
         return load_file(path, **options)

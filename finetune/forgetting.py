@@ -100,3 +100,63 @@ def _match(ref: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
         if name.endswith("." + key) or key.endswith("." + name):
             return value
     return None
+
+
+def linear_probe(encoder, train, test, *, label_kind: str) -> float:
+    """Refit a linear head on a frozen encoder's pooled embeddings.
+
+    train, test: :class:`~esm.data.Split`. Logistic regression on standardised
+    embeddings (classification: test accuracy) or ridge regression (regression: test
+    Pearson r). Comparing it before and after target fine-tuning separates a
+    mismatched old head from a representation that lost the task.
+    """
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X_train = encoder.embed(train.inputs(), progress=False)
+    X_test = encoder.embed(test.inputs(), progress=False)
+    if label_kind == "classification":
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        probe.fit(X_train, train.labels)
+        return float(probe.score(X_test, test.labels))
+    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+    probe.fit(X_train, train.labels)
+    pred = probe.predict(X_test)
+    return float(np.corrcoef(pred, test.labels)[0, 1])
+
+
+@torch.inference_mode()
+def layer_representations(encoder, texts, *, batch_size: int = 64) -> list[np.ndarray]:
+    """Mean-pooled hidden states after the embeddings and after each layer.
+
+    Returns ``num_layers + 1`` float64 arrays of shape (n, dim).
+    """
+    encoded = encoder.tokenize(list(texts))
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+    out: list[list[np.ndarray]] | None = None
+    for start in range(0, len(texts), batch_size):
+        feats = [{k: encoded[k][i] for k in keys}
+                 for i in range(start, min(start + batch_size, len(texts)))]
+        batch = dict(encoder.tokenizer.pad(feats, padding="longest", return_tensors="pt"))
+        hidden = encoder.model(**batch, output_hidden_states=True).hidden_states
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden[0].dtype)
+        pooled = [((h * mask).sum(1) / mask.sum(1)).double().numpy() for h in hidden]
+        out = [[p] for p in pooled] if out is None else [o + [p] for o, p in zip(out, pooled,
+                                                                                   strict=True)]
+    if out is None:
+        raise ValueError("layer_representations needs at least one text.")
+    return [np.concatenate(chunks) for chunks in out]
+
+
+def layer_cka(reference, tuned, texts) -> dict[str, float]:
+    """Linear CKA between two encoders' outputs, per depth, on the same texts.
+
+    Keys: ``embeddings`` and ``layer.i`` (output of transformer layer i).
+    """
+    a = layer_representations(reference, texts)
+    b = layer_representations(tuned, texts)
+    if len(a) != len(b):
+        raise ValueError(f"Encoders have different depths: {len(a) - 1} vs {len(b) - 1} layers.")
+    names = ["embeddings"] + [f"layer.{i}" for i in range(len(a) - 1)]
+    return {n: linear_cka(x, y) for n, x, y in zip(names, a, b, strict=True)}

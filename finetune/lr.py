@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,8 +129,12 @@ _USAGE = "'flat:LR', 'llrd:LR,DECAY', 'kenneweg[:BASE_LR]' or a .json file"
 _ARITY = {"flat": (1,), "llrd": (2,), "kenneweg": (0, 1)}
 
 
-def resolve_distribution(spec: str, groups: LayerGroups) -> dict[str, float]:
-    """Per-group learning rates from a spec: one of :data:`_USAGE`."""
+def resolve_distribution(spec: str | Mapping[str, float], groups: LayerGroups
+                         ) -> dict[str, float]:
+    """Per-group learning rates from a spec: one of :data:`_USAGE`, or a mapping
+    ``{group name or regex: LR}`` (as in a JSON file)."""
+    if isinstance(spec, Mapping):
+        return _check_positive(from_mapping(groups, dict(spec)))
     kind, _, arg = spec.partition(":")
     if kind in _ARITY:
         try:
@@ -150,6 +155,10 @@ def resolve_distribution(spec: str, groups: LayerGroups) -> dict[str, float]:
         out = from_mapping(groups, json.loads(Path(spec).read_text()))
     else:
         raise ValueError(f"LR distribution must be {_USAGE}; got {spec!r}.")
+    return _check_positive(out)
+
+
+def _check_positive(out: dict[str, float]) -> dict[str, float]:
     bad = {g: v for g, v in out.items() if not (v > 0 and math.isfinite(v))}
     if bad:
         raise ValueError(f"Learning rates must be positive and finite; got {bad}.")

@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +168,7 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def optimizer_groups(model: nn.Module, settings: FinetuneSettings,
-                     lr_distribution: str | None = None) -> list[dict]:
+                     lr_distribution: str | Mapping[str, float] | None = None) -> list[dict]:
     """AdamW parameter groups: ``settings.lr`` everywhere, or a layer-wise distribution
     (``flat:LR``, ``llrd:LR,DECAY``, ``kenneweg``, a JSON file; :mod:`finetune.lr`)."""
     if lr_distribution is None:
@@ -181,7 +181,7 @@ def optimizer_groups(model: nn.Module, settings: FinetuneSettings,
 
 
 def build_optimizer(model: nn.Module, settings: FinetuneSettings, total_steps: int | None,
-                    lr_distribution: str | None = None):
+                    lr_distribution: str | Mapping[str, float] | None = None):
     """AdamW over ``model``'s trainable parameters, and its schedule.
 
     Returns ``(optimizer, scheduler)``: linear warm-up for ``warmup_ratio`` of
@@ -303,7 +303,7 @@ def finetune(
     settings: FinetuneSettings | None = None,
     progress: bool = True,
     desc: str = "fine-tuning",
-    lr_distribution: str | None = None,
+    lr_distribution: str | Mapping[str, float] | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 100,
     on_epoch_end: EpochCallback | None = None,
@@ -446,3 +446,55 @@ def evaluate(model: TaskModel, task: Task, split: Split | None = None) -> dict[s
 
 
 PRIMARY_METRIC = {"classification": "accuracy", "regression": "pearson"}
+
+
+# -- saved task models -------------------------------------------------------------------
+TASK_MODEL_ENCODER = "encoder"
+TASK_MODEL_HEAD = "head.safetensors"
+TASK_MODEL_META = "head.json"
+
+
+def save_task_model(model: TaskModel, folder: str | Path, *, label_kind: str,
+                    classes: list[str] | tuple[str, ...]) -> None:
+    """Save a fine-tuned model as ``encoder/`` (transformers folder + tokenizer),
+    ``head.safetensors`` and ``head.json`` (the format registries keep)."""
+    from safetensors.torch import save_file
+    from transformers.utils import logging as hf_logging
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_logging.disable_progress_bar()  # a per-save shard bar is noise inside a long run
+    try:
+        model.encoder.model.save_pretrained(folder / TASK_MODEL_ENCODER)
+    finally:
+        hf_logging.enable_progress_bar()
+    model.encoder.tokenizer.save_pretrained(folder / TASK_MODEL_ENCODER)
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()},
+              str(folder / TASK_MODEL_HEAD))
+    (folder / TASK_MODEL_META).write_text(json.dumps(
+        {"num_labels": model.head.out_features, "label_kind": label_kind,
+         "classes": list(classes), "pooling": model.encoder.pooling,
+         "max_length": model.encoder.max_length}, indent=2, sort_keys=True))
+
+
+def load_task_model(folder: str | Path, *, name: str | None = None) -> TaskModel:
+    """Load a model saved by :func:`save_task_model` (or kept by a registry build).
+
+    ``name``: the encoder name to record (default: the folder).
+    """
+    from safetensors.torch import load_file
+
+    from esm.encoder import load_encoder
+
+    folder = Path(folder)
+    if not (folder / TASK_MODEL_META).is_file() or not (folder / TASK_MODEL_HEAD).is_file():
+        raise FileNotFoundError(f"{folder} is not a saved task model: it needs "
+                                f"{TASK_MODEL_ENCODER}/, {TASK_MODEL_HEAD} and {TASK_MODEL_META}.")
+    meta = json.loads((folder / TASK_MODEL_META).read_text())
+    encoder = load_encoder(str(folder / TASK_MODEL_ENCODER), pooling=meta["pooling"],
+                           max_length=meta["max_length"])
+    if name is not None:
+        encoder.name = name
+    model = TaskModel(encoder, int(meta["num_labels"]))
+    model.head.load_state_dict(load_file(str(folder / TASK_MODEL_HEAD)))
+    return model.eval()

@@ -14,6 +14,7 @@ from esm.model import EmbeddingSpaceMap, ESMConfig, ESMFitSettings, fit_esm
 from esm.registry import Registry, RegistryError, default_registry_path, open_registry
 from finetune.build import BuildReport, BuildSettings, build_registry
 from finetune.train import FinetuneSettings, TaskModel, TrainingError, evaluate, finetune
+from finetune.transfer import LRSearchSettings, TransferReport, TransferSettings, transfer
 from selection.logme import LogME, logme_score
 from selection.ranking import Ranking, rank
 from selection.scorers import METHODS, get_scorer
@@ -25,5 +26,6 @@ __all__ = [
     "evaluate", "finetune", "FinetuneSettings", "fit_esm", "get_scorer", "import_hfselect",
     "load_builtin", "load_encoder", "load_file", "load_task", "LogME", "logme_score", "make_task",
     "METHODS", "open_registry", "rank", "Ranking", "read_hfselect_esm", "Registry",
-    "RegistryError", "Split", "Task", "TaskModel", "TrainingError",
+    "RegistryError", "Split", "Task", "TaskModel", "TrainingError", "transfer",
+    "TransferReport", "TransferSettings", "LRSearchSettings",
 ]

@@ -3,6 +3,7 @@
     stepstone tasks
     stepstone registry build --registry DIR --sources builtin:all
     stepstone registry list|show ID|verify|remove ID|import-hfselect PATH...
+    stepstone transfer builtin:ID --source auto --lr-distribution flat:2e-5 kenneweg
 """
 
 from __future__ import annotations
@@ -227,6 +228,28 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from finetune.train import FinetuneSettings
+    from finetune.transfer import LRSearchSettings, TransferSettings, transfer
+
+    settings = config_from_args(TransferSettings, args,
+                                finetune=config_from_args(FinetuneSettings, args, prefix="ft_"))
+    search = config_from_args(LRSearchSettings, args, prefix="search_")
+    report = transfer(
+        args.target, args.source, registry=args.registry, encoder=args.encoder,
+        lr_distributions=args.lr_distribution, settings=settings, search=search, out=args.out,
+        method=args.method, overwrite=args.overwrite, progress=not args.quiet and not args.json,
+        plots=not args.no_plots, task_options=_task_options(args))
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report)
+        print(f"\nReport: {args.out}/report.md (and report.json"
+              + (", lr.png, drift.png, curves.png, retention_gain.png" if not args.no_plots
+                 else "") + ")")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------
 def _layer_arg(value: str) -> int | str:
     return value if value == "auto" else int(value)
@@ -299,6 +322,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=cmd_rank)
 
+    from finetune.transfer import LRSearchSettings, TransferSettings
+
+    p = sub.add_parser(
+        "transfer", help="Fine-tune on a source, then on the target; measure gain and forgetting.")
+    p.add_argument("target", help="builtin:ID, a local file, or a Hub dataset name.")
+    p.add_argument("--source", default="auto",
+                   help="'auto' (top of rank), an ESM or task id in the registry, or a task "
+                        "spec (default: auto).")
+    p.add_argument("--registry", default=None, help="Registry folder (default: shipped).")
+    p.add_argument("--method", choices=METHODS, default="esm-logme",
+                   help="Ranking method for --source auto.")
+    p.add_argument("--lr-distribution", nargs="+", default=None,
+                   help="One or more: flat:LR, llrd:LR,DECAY, kenneweg[:BASE], a JSON file, or "
+                        "'search' (optuna). Several are compared on the same source models "
+                        "(default: flat at --ft-lr).")
+    p.add_argument("--out", default="transfer-out",
+                   help="Output folder; rerunning with the same arguments resumes.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Discard results in --out made with other settings.")
+    p.add_argument("--encoder", default=None,
+                   help="Encoder (default: the one the registry was built with).")
+    add_config_args(p, TransferSettings)
+    add_config_args(p, FinetuneSettings, prefix="ft_", skip=("seed",))
+    add_config_args(p, LRSearchSettings, prefix="search_")
+    _add_data_args(p)
+    p.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    p.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    p.set_defaults(func=cmd_transfer)
+
     reg = sub.add_parser("registry", help="Build and inspect ESM registries.")
     rsub = reg.add_subparsers(dest="registry_command", required=True)
 
@@ -351,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from esm.encoder import EncoderLoadError, EncoderMismatchError
     from esm.model import ESMFormatError
     from esm.registry import RegistryError
+    from finetune.train import TrainingError
 
     # The CLI is one process that never forks tokenizers; silence their fork warning.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -361,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (DataError, RegistryError, EncoderMismatchError, EncoderLoadError,
-            ESMFormatError) as err:
+            ESMFormatError, TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -71,3 +71,32 @@ def test_shipped_registry_is_what_the_build_command_makes(encoder, tmp_path):
     available = [t for t in builtin_ids() if is_available(t)]
     assert report.added == [] and not report.failed
     assert len(report.skipped) == len(available)
+
+
+def test_transfer_end_to_end_with_the_real_encoder(tmp_path, capsys):
+    """`stepstone transfer builtin:ID --source auto` on small slices of two built-in tasks."""
+    import json
+
+    from stepstone.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["transfer", "builtin:movie_polarity", "--source", "auto", "--out", str(out),
+               "--seeds", "1", "--source-max-examples", "64", "--target-max-examples", "48",
+               "--max-eval", "64", "--probe-examples", "64", "--cka-examples", "32",
+               "--curve-examples", "32", "--ft-epochs", "1", "--ft-batch-size", "16",
+               "--lr-distribution", "kenneweg", "--quiet"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["source"]["selected_by"] == "auto"
+    assert report["source"]["task_id"] == report["source"]["ranking"][0]["task_id"]
+    assert report["source"]["task_id"] != "movie_polarity"
+    run = report["runs"][0]
+    assert 0 <= run["target"] <= 1 and 0 <= run["source_after"] <= 1
+    assert set(run["drift"]["transfer"]) == {"embeddings", *(f"layer.{i}" for i in range(6)),
+                                             "head"}
+    # Kenneweg's 10 BERT-base groups mapped onto 6 layers by relative depth
+    lrs = report["distributions"]["kenneweg"]
+    assert lrs["embeddings"] == pytest.approx(3.3e-6) and lrs["head"] == pytest.approx(3.3e-6 * 3.4)
+    for name in ("report.md", "lr.png", "drift.png", "curves.png", "retention_gain.png"):
+        assert (out / name).is_file()
+    assert "transfer " in capsys.readouterr().out

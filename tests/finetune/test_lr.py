@@ -96,3 +96,13 @@ def test_finetune_applies_the_distribution(tiny_encoder, small_task):
     assert moved["head.weight"] > 1e-3
     assert max(v for n, v in moved.items() if "embeddings" in n) < 1e-6
     assert torch.isfinite(model.head.weight).all()
+
+
+def test_mapping_spec_like_a_json_file(tiny_encoder):
+    groups = layer_groups(_model(2, tiny_encoder))
+    lrs = resolve_distribution({"embeddings": 1e-6, r"layer\.\d": 2e-5, "head": 1e-4}, groups)
+    assert lrs == {"embeddings": 1e-6, "layer.0": 2e-5, "layer.1": 2e-5, "head": 1e-4}
+    with pytest.raises(ValueError, match="No learning rate for layer group"):
+        resolve_distribution({"head": 1e-4}, groups)
+    with pytest.raises(ValueError, match="positive and finite"):
+        resolve_distribution({".*": float("nan")}, groups)

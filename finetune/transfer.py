@@ -1,0 +1,868 @@
+"""The transfer pipeline: source → target fine-tuning, measured against no intermediate step.
+
+For a target task and a source (given, or the top of :func:`selection.ranking.rank`):
+
+1. fine-tune the base encoder on the source, or reuse the source model a registry
+   kept (``registry build --keep-models``);
+2. fine-tune that encoder on the target with a fresh head, under each layer-wise
+   learning-rate distribution asked for (:mod:`finetune.lr`);
+3. fine-tune the base encoder on the target alone with the same settings (the
+   no-intermediate baseline);
+4. measure target metrics and the transfer gain, source retention (its own head
+   before/after, ΔS, ratio, BWT), a linear probe of the source task on the frozen
+   encoders, per-layer weight drift and linear CKA from the pre-trained encoder;
+
+per seed, then as mean ± std. Every finished stage is written to ``OUT/runs/`` at
+once and training checkpoints go to ``OUT/checkpoints/``, so a killed run picks up
+where it stopped when started again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from esm.data import DataError, Split, Task, load_task
+from esm.encoder import Encoder, load_encoder
+from esm.registry import Registry, open_registry
+from finetune.forgetting import (
+    Retention,
+    backward_transfer,
+    layer_cka,
+    linear_probe,
+    weight_drift,
+)
+from finetune.lr import layer_groups, resolve_distribution
+from finetune.train import (
+    PRIMARY_METRIC,
+    FinetuneSettings,
+    TaskModel,
+    evaluate,
+    finetune,
+    load_task_model,
+    save_task_model,
+)
+
+logger = logging.getLogger(__name__)
+
+REPORT_FORMAT = 1
+RUN_CONFIG = "transfer.json"
+SEARCH_SPEC = "search"
+
+
+@dataclass
+class TransferSettings:
+    """How a transfer run samples data and what it measures."""
+
+    seeds: int = field(default=3, metadata={"help": "Training seeds (runs per distribution)."})
+    first_seed: int = field(default=0, metadata={"help": "Seeds are first_seed, +1, ..."})
+    source_max_examples: int | None = field(
+        default=1000, metadata={"help": "Cap on source training examples (stratified)."})
+    target_max_examples: int | None = field(
+        default=500, metadata={"help": "Cap on target training examples (stratified)."})
+    max_eval: int = field(
+        default=1000, metadata={"help": "Cap on target and source test examples."})
+    data_seed: int = field(
+        default=0, metadata={"help": "Seed of the stratified caps (same data for all seeds)."})
+    probe_examples: int = field(
+        default=1000, metadata={"help": "Source training examples for the linear probe."})
+    cka_examples: int = field(
+        default=256, metadata={"help": "Target test texts for per-layer CKA."})
+    curve_examples: int = field(
+        default=300, metadata={"help": "Target test examples scored after each epoch."})
+    checkpoint_every: int = field(
+        default=100, metadata={"help": "Save the training state every N steps."})
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "Keep the fine-tuned source models in OUT."})
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"'seeds' must be >= 1; got {self.seeds}.")
+        for name in ("max_eval", "probe_examples", "cka_examples", "curve_examples",
+                     "checkpoint_every"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"'{name}' must be >= 2; got {getattr(self, name)}.")
+        for name in ("source_max_examples", "target_max_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ValueError(f"'{name}' must be >= 2 or None; got {value}.")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.seeds))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LRSearchSettings:
+    """The optuna search for a per-group learning-rate distribution (``search``)."""
+
+    trials: int = field(default=20, metadata={"help": "Trials to run (resumed ones count)."})
+    timeout: float | None = field(
+        default=None, metadata={"help": "Stop starting new trials after this many seconds."})
+    retention_weight: float = field(
+        default=1.0, metadata={"help": "Objective = target val metric + w * source retention."})
+    lr_min: float = field(default=1e-6, metadata={"help": "Lowest per-group LR tried."})
+    lr_max: float = field(default=2e-4, metadata={"help": "Highest per-group LR (head: 10x)."})
+    validation_ratio: float = field(
+        default=0.2, metadata={"help": "Share of target training data held out for the search."})
+    source_eval_examples: int = field(
+        default=300, metadata={"help": "Source test examples for retention during the search."})
+    seed: int = field(default=0, metadata={"help": "Sampler seed."})
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ValueError(f"'trials' must be >= 1; got {self.trials}.")
+        if not 0 < self.lr_min < self.lr_max:
+            raise ValueError(f"Need 0 < lr_min < lr_max; got {self.lr_min}, {self.lr_max}.")
+        if not 0 < self.validation_ratio < 0.9:
+            raise ValueError(f"'validation_ratio' must be in (0, 0.9); got "
+                             f"{self.validation_ratio}.")
+
+
+# -- small helpers ----------------------------------------------------------------------
+def _slug(spec: str) -> str:
+    """A folder-safe name for a distribution spec."""
+    base = Path(spec).stem if spec.endswith(".json") else spec
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", base).strip("_") or "dist"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (tmp + rename): a stage file is either whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+    tmp.replace(path)
+
+
+def _read_json(path: Path) -> Any | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _copy_encoder(encoder: Encoder) -> Encoder:
+    return Encoder(copy.deepcopy(encoder.model), encoder.tokenizer, name=encoder.name,
+                   pooling=encoder.pooling, max_length=encoder.max_length)
+
+
+def _fresh_model(encoder: Encoder, num_labels: int, settings: FinetuneSettings) -> TaskModel:
+    torch.manual_seed(settings.seed)  # the fresh head's init is part of the seed
+    return TaskModel(_copy_encoder(encoder), num_labels, dropout=settings.dropout)
+
+
+def _with_head(encoder: Encoder, head: torch.nn.Linear) -> TaskModel:
+    """``encoder`` (shared, not copied) under a given head."""
+    model = TaskModel(encoder, head.out_features)
+    model.head = head
+    return model.eval()
+
+
+def _sample(split: Split, n: int, seed: int) -> Split:
+    if len(split) <= n:
+        return split
+    idx = np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False))
+    return split.take(idx)
+
+
+def _validation_split(task: Task, ratio: float, seed: int) -> tuple[Split, Split]:
+    """Stratified (train, validation) from the task's training split."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(task.train))
+    strat = task.train.labels if task.label_kind == "classification" else None
+    tr, va = train_test_split(idx, test_size=ratio, random_state=seed, stratify=strat)
+    return task.train.take(np.sort(tr)), task.train.take(np.sort(va))
+
+
+# -- the source -------------------------------------------------------------------------
+@dataclass
+class SourceChoice:
+    """Which source task a transfer uses and where its model comes from."""
+
+    task: Task
+    esm_id: str | None = None
+    selected_by: str = "given"  # 'auto' (top of a ranking) or 'given'
+    model_dir: Path | None = None  # a source model the registry kept
+    ranking: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task_id": self.task.task_id, "origin": self.task.origin,
+                "esm_id": self.esm_id, "selected_by": self.selected_by,
+                "source_model": "registry" if self.model_dir else "fine-tuned",
+                "num_train": len(self.task.train), "num_test": len(self.task.test),
+                "ranking": self.ranking}
+
+
+def choose_source(
+    target: Task,
+    source: str | Task,
+    registry: Registry,
+    *,
+    encoder: Encoder,
+    method: str = "esm-logme",
+    progress: bool = True,
+    task_options: dict[str, Any] | None = None,
+) -> SourceChoice:
+    """Resolve ``source``: ``auto`` (best of ``rank``), an ESM id or task id in the
+    registry, or any task spec (``builtin:ID``, a file, a Hub name, a Task)."""
+    if isinstance(source, Task):
+        return SourceChoice(source)
+    if source == "auto":
+        from selection.ranking import rank
+
+        ranking = rank(target, registry, method, encoder=encoder, progress=progress)
+        if not ranking.rows:
+            raise DataError(f"No source in {registry.path} could be ranked for "
+                            f"{target.task_id!r}: {ranking.errors}")
+        top = [dataclasses.asdict(r) for r in ranking.rows[:5]]
+        choice = _from_registry(registry, ranking.rows[0].esm_id)
+        choice.selected_by, choice.ranking = "auto", top
+        return choice
+    if source in registry:
+        return _from_registry(registry, source)
+    task_id = source.removeprefix("builtin:")
+    matches = [e for e in registry.entries() if e.task_id == task_id
+               and registry.config(e.id).encoder.get("layer") is None]
+    if matches:
+        return _from_registry(registry, matches[0].id)
+    return SourceChoice(load_task(source, **(task_options or {})))
+
+
+def _from_registry(registry: Registry, esm_id: str) -> SourceChoice:
+    config = registry.config(esm_id)
+    if not config.task_origin:
+        raise DataError(f"ESM {esm_id!r} does not record where its task came from; pass the "
+                        f"source as a task spec (builtin:ID, a file or a Hub name).")
+    from esm.catalog import builtin_ids
+
+    # Built-in tasks record a readable origin (package and file), not a loadable spec.
+    spec = (f"builtin:{config.task_id}" if config.task_id in builtin_ids()
+            and not Path(config.task_origin).exists() else config.task_origin)
+    task = load_task(spec)
+    if config.task_data_hash and task.data_hash() != config.task_data_hash:
+        logger.warning("Source %s: the data at %s changed since ESM %s was built.",
+                       task.task_id, config.task_origin, esm_id)
+    return SourceChoice(task, esm_id, model_dir=registry.model_dir(esm_id))
+
+
+# -- the report -------------------------------------------------------------------------
+SUMMARY_METRICS = ("target", "baseline", "gain", "source_before", "source_after",
+                   "retention_delta", "retention_ratio", "probe_before", "probe_after")
+
+
+@dataclass
+class TransferReport:
+    """Everything a transfer run measured: one row per (distribution, seed).
+
+    ``runs[i]`` holds ``seed``, ``distribution``, ``target``/``baseline`` metric dicts,
+    ``gain`` (primary target metric with minus without the intermediate step),
+    ``source_before``/``source_after`` (source test metric with its own head),
+    ``retention_delta``/``retention_ratio``/``bwt``, ``probe_before``/``probe_after``
+    (linear probe of the source task on the frozen source-/target-tuned encoder),
+    ``drift``/``cka`` per layer, learning ``curves`` and ``seconds`` per stage.
+    """
+
+    target: dict[str, Any]
+    source: dict[str, Any]
+    settings: dict[str, Any]
+    distributions: dict[str, dict[str, float]]
+    runs: list[dict[str, Any]]
+    primary_metric: str
+    probe_base: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = {r["distribution"] for r in self.runs} - set(self.distributions)
+        if unknown:
+            raise ValueError(f"Runs use distributions {sorted(unknown)} that the report does "
+                             f"not describe.")
+
+    def to_pandas(self):
+        """One row per run with the scalar measures."""
+        import pandas as pd
+
+        rows = []
+        for r in self.runs:
+            row = {"distribution": r["distribution"], "seed": r["seed"]}
+            row.update({k: r[k] for k in SUMMARY_METRICS})
+            row.update({f"target_{k}": v for k, v in r["target_metrics"].items()})
+            row.update({f"baseline_{k}": v for k, v in r["baseline_metrics"].items()})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def summary(self):
+        """Mean and std over seeds per distribution."""
+        frame = self.to_pandas()
+        if frame.empty:
+            return frame
+        return frame.groupby("distribution", sort=False)[list(SUMMARY_METRICS)].agg(
+            ["mean", "std"])
+
+    def summary_dict(self) -> dict[str, dict[str, dict[str, float]]]:
+        frame = self.to_pandas()
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for dist, grp in frame.groupby("distribution", sort=False):
+            out[str(dist)] = {m: {"mean": float(grp[m].mean()),
+                                  "std": float(grp[m].std(ddof=1)) if len(grp) > 1 else 0.0,
+                                  "n": int(len(grp))} for m in SUMMARY_METRICS}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": REPORT_FORMAT, "target": self.target, "source": self.source,
+                "settings": self.settings, "distributions": self.distributions,
+                "primary_metric": self.primary_metric, "probe_base": self.probe_base,
+                "runs": self.runs, "summary": self.summary_dict(), "timings": self.timings}
+
+    def __str__(self) -> str:
+        m = self.primary_metric
+        lines = [f"transfer {self.source['task_id']} -> {self.target['task_id']} "
+                 f"({len(self.runs)} runs, metric: {m})"]
+        for dist, s in self.summary_dict().items():
+            def pm(key, s=s):
+                return f"{s[key]['mean']:.3f} ± {s[key]['std']:.3f}"
+            lines.append(f"  {dist}: target {pm('target')} vs no intermediate "
+                         f"{pm('baseline')}, gain {pm('gain')}; source retention "
+                         f"{pm('retention_ratio')} (ΔS {pm('retention_delta')})")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        m = self.primary_metric
+        src, tgt = self.source, self.target
+        out = [f"# Transfer report: {src['task_id']} → {tgt['task_id']}", "",
+               f"- Target: `{tgt['task_id']}` ({tgt['num_train']} train / {tgt['num_test']} "
+               f"test examples, {tgt['num_labels']} labels); metric: {m}.",
+               f"- Source: `{src['task_id']}` ({src['num_train']} train / {src['num_test']} "
+               f"test), chosen {src['selected_by']}"
+               + (f" (ESM `{src['esm_id']}`)" if src.get("esm_id") else "")
+               + f"; source model: {src['source_model']}.",
+               f"- Encoder: `{self.settings['encoder']}`; seeds: "
+               f"{self.settings['transfer']['seeds']}; fine-tuning: "
+               f"{self.settings['transfer']['finetune']['epochs']} epochs, batch "
+               f"{self.settings['transfer']['finetune']['batch_size']}.", ""]
+        if src.get("ranking"):
+            out += ["Ranking (top 5): " + ", ".join(
+                f"{r['task_id']} ({r['score']:.3f})" for r in src["ranking"]), ""]
+        out += ["## Summary (mean ± std over seeds)", "",
+                "| distribution | target | no intermediate | gain | source before | "
+                "source after | retention ratio | probe before | probe after |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for dist, s in self.summary_dict().items():
+            cells = [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in
+                     ("target", "baseline", "gain", "source_before", "source_after",
+                      "retention_ratio", "probe_before", "probe_after")]
+            out.append(f"| `{dist}` | " + " | ".join(cells) + " |")
+        if self.probe_base is not None:
+            out += ["", f"Linear probe of the source task on the pre-trained encoder: "
+                        f"{self.probe_base:.3f}."]
+        out += ["", "## Per seed", "",
+                "| distribution | seed | target | no intermediate | gain | ΔS | BWT | "
+                "target s | baseline s |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in self.runs:
+            out.append(f"| `{r['distribution']}` | {r['seed']} | {r['target']:.3f} | "
+                       f"{r['baseline']:.3f} | {r['gain']:+.3f} | {r['retention_delta']:+.3f} | "
+                       f"{r['bwt']:+.3f} | {r['seconds']['target']:.0f} | "
+                       f"{r['seconds']['baseline']:.0f} |")
+        out += ["", "## Learning rates per layer group", "",
+                "| group | " + " | ".join(f"`{d}`" for d in self.distributions) + " |",
+                "|---|" + "---|" * len(self.distributions)]
+        groups = next(iter(self.distributions.values()), {})
+        for g in groups:
+            out.append(f"| {g} | " + " | ".join(f"{lrs[g]:.2e}" for lrs in
+                                              self.distributions.values()) + " |")
+        out += ["", "Plots: `lr.png` (learning rate per layer group), `drift.png` (relative "
+                "weight drift and linear CKA per layer vs. the pre-trained encoder), "
+                "`curves.png` (training loss and target accuracy per epoch), "
+                "`retention_gain.png` (source retention vs. target gain per run).", ""]
+        return "\n".join(out)
+
+    def save(self, out: str | Path, *, plots: bool = True) -> list[Path]:
+        """Write ``report.json``, ``report.md`` and (optionally) the plots; returns paths."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "report.json", self.to_dict())
+        (out / "report.md").write_text(self.to_markdown())
+        written = [out / "report.json", out / "report.md"]
+        if plots and self.runs:
+            written += plot_report(self, out)
+        return written
+
+    @classmethod
+    def load(cls, path: str | Path) -> TransferReport:
+        path = Path(path)
+        data = json.loads((path / "report.json" if path.is_dir() else path).read_text())
+        if data.get("format") != REPORT_FORMAT:
+            raise ValueError(f"Unsupported transfer report format {data.get('format')!r}; "
+                             f"expected {REPORT_FORMAT}.")
+        return cls(data["target"], data["source"], data["settings"], data["distributions"],
+                   data["runs"], data["primary_metric"], data.get("probe_base"),
+                   data.get("timings", {}))
+
+
+def plot_report(report: TransferReport, out: Path) -> list[Path]:
+    """The four report plots as PNGs in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    dists = list(report.distributions)
+    colors = {d: plt.cm.tab10(i % 10) for i, d in enumerate(dists)}
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for d, lrs in report.distributions.items():
+        ax.plot(list(lrs), list(lrs.values()), marker="o", label=d, color=colors[d])
+    ax.set_yscale("log")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning rate per layer group (bottom → top)")
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "lr.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for d in dists:
+        runs = [r for r in report.runs if r["distribution"] == d]
+        for stage, style in (("transfer", "-"), ("baseline", ":")):
+            drift = [r["drift"][stage] for r in runs]
+            cka = [r["cka"][stage] for r in runs]
+            names = list(drift[0])
+            ax1.plot(names, [np.mean([x[n] for x in drift]) for n in names], style,
+                     marker="o", color=colors[d], label=f"{d} ({stage})")
+            names = list(cka[0])
+            ax2.plot(names, [np.mean([x[n] for x in cka]) for n in names], style,
+                     marker="o", color=colors[d], label=f"{d} ({stage})")
+    ax1.set_title("Relative weight drift ‖θ−θ₀‖/‖θ₀‖")
+    ax2.set_title("Linear CKA with the pre-trained encoder")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=45)
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "drift.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for d in dists:
+        runs = [r for r in report.runs if r["distribution"] == d]
+        for stage, style in (("transfer", "-"), ("baseline", ":")):
+            losses = [r["curves"][f"{stage}_loss"] for r in runs]
+            n = min(len(x) for x in losses)
+            mean = np.mean([x[:n] for x in losses], axis=0)
+            window = max(1, n // 20)
+            smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
+            ax1.plot(np.arange(len(smooth)) + window, smooth, style, color=colors[d],
+                     label=f"{d} ({stage})")
+            accs = [r["curves"][f"{stage}_epoch_metric"] for r in runs]
+            ax2.plot(np.arange(1, len(accs[0]) + 1), np.mean(accs, axis=0), style,
+                     marker="o", color=colors[d], label=f"{d} ({stage})")
+    ax1.set_xlabel("step")
+    ax1.set_title("Training loss (mean over seeds)")
+    ax2.set_xlabel("epoch")
+    ax2.set_title(f"Target {report.primary_metric} (test sample)")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "curves.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for d in dists:
+        runs = [r for r in report.runs if r["distribution"] == d]
+        ax.scatter([r["retention_ratio"] for r in runs], [r["gain"] for r in runs],
+                   color=colors[d], label=d)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("source retention (after / before)")
+    ax.set_ylabel(f"target gain ({report.primary_metric})")
+    ax.set_title("Source retention vs. target gain (one point per seed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "retention_gain.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+# -- the pipeline -----------------------------------------------------------------------
+TargetTrainer = Callable[..., Any]
+
+
+class TransferRun:
+    """One transfer run's state on disk (``out``) and its stages.
+
+    Use :func:`transfer`; this class exists so the stages can be tested and resumed
+    one by one.
+    """
+
+    def __init__(self, out: Path, *, target: Task, source: SourceChoice, encoder: Encoder,
+                 settings: TransferSettings, distributions: Sequence[str],
+                 progress: bool = True) -> None:
+        self.out = out
+        self.target = target
+        self.source = source
+        self.encoder = encoder
+        self.settings = settings
+        self.specs = list(distributions)
+        self.progress = progress
+        self.metric = PRIMARY_METRIC[target.label_kind]
+        self.source_metric = PRIMARY_METRIC[source.task.label_kind]
+        rng = np.random.default_rng(settings.data_seed)
+        self.cka_texts = _sample(target.test, settings.cka_examples,
+                                 int(rng.integers(1 << 31))).inputs()
+        self.curve_split = _sample(target.test, settings.curve_examples,
+                                   int(rng.integers(1 << 31)))
+        self.probe_train = _sample(source.task.train, settings.probe_examples,
+                                   int(rng.integers(1 << 31)))
+
+    # paths
+    def stage_file(self, seed: int, name: str) -> Path:
+        return self.out / "runs" / f"seed{seed}" / f"{name}.json"
+
+    def checkpoint(self, seed: int, name: str) -> Path:
+        return self.out / "checkpoints" / f"seed{seed}" / name
+
+    def _ft(self, seed: int) -> FinetuneSettings:
+        return dataclasses.replace(self.settings.finetune, seed=seed)
+
+    def _curve(self, epoch: int, model: TaskModel) -> dict[str, float]:
+        """Learning curve: the target metric on a fixed test sample after each epoch."""
+        return {self.metric: evaluate(model, self.target, self.curve_split)[self.metric]}
+
+    # stages
+    def source_model(self, seed: int) -> tuple[TaskModel, dict[str, Any]]:
+        """The source-tuned model for ``seed`` (kept by the registry, resumed, or trained)."""
+        src = self.source
+        if src.model_dir is not None:
+            model = load_task_model(src.model_dir, name=self.encoder.name)
+            if model.encoder.dim != self.encoder.dim:
+                raise DataError(f"The kept source model of {src.esm_id} has dim "
+                                f"{model.encoder.dim}; the encoder has {self.encoder.dim}.")
+            record = _read_json(self.stage_file(seed, "source"))
+            if record is None:
+                record = {"source_model": "registry", "seconds": 0.0, "losses": []}
+                record.update(self._source_measures(model))
+                _write_json(self.stage_file(seed, "source"), record)
+            return model, record
+        folder = self.checkpoint(seed, "source-model")
+        record = _read_json(self.stage_file(seed, "source"))
+        if record is not None and (folder / "head.json").is_file():
+            return load_task_model(folder, name=self.encoder.name), record
+        ft = self._ft(seed)
+        model = _fresh_model(self.encoder, src.task.num_labels, ft)
+        result = finetune(model, src.task.train, label_kind=src.task.label_kind, settings=ft,
+                          progress=self.progress, desc=f"source {src.task.task_id} s{seed}",
+                          checkpoint_dir=self.checkpoint(seed, "source-train"),
+                          checkpoint_every=self.settings.checkpoint_every)
+        save_task_model(model, folder, label_kind=src.task.label_kind,
+                        classes=src.task.classes)
+        record = {"source_model": "fine-tuned", "seconds": result.seconds,
+                  "losses": result.losses}
+        record.update(self._source_measures(model))
+        _write_json(self.stage_file(seed, "source"), record)
+        return model, record
+
+    def _source_measures(self, model: TaskModel) -> dict[str, Any]:
+        task = self.source.task
+        return {"metrics": evaluate(model, task, task.test),
+                "probe": linear_probe(model.encoder, self.probe_train, task.test,
+                                      label_kind=task.label_kind)}
+
+    def target_stage(self, seed: int, spec: str, start: Encoder, name: str,
+                     source_head: torch.nn.Linear | None,
+                     train_target: TargetTrainer | None = None) -> dict[str, Any]:
+        """Fine-tune ``start`` on the target under ``spec``; measure; write the stage."""
+        path = self.stage_file(seed, f"{_slug(spec)}-{name}")
+        done = _read_json(path)
+        if done is not None:
+            return done
+        ft = self._ft(seed)
+        model = _fresh_model(start, self.target.num_labels, ft)
+        train = train_target or finetune
+        result = train(model, self.target.train, label_kind=self.target.label_kind,
+                       settings=ft, progress=self.progress, lr_distribution=spec,
+                       desc=f"{name} {_slug(spec)} s{seed}",
+                       checkpoint_dir=self.checkpoint(seed, f"{_slug(spec)}-{name}"),
+                       checkpoint_every=self.settings.checkpoint_every,
+                       on_epoch_end=self._curve)
+        record: dict[str, Any] = {
+            "metrics": evaluate(model, self.target, self.target.test),
+            "seconds": result.seconds, "losses": result.losses,
+            "epoch_metric": [m[self.metric] for m in result.epoch_metrics],
+            "drift": weight_drift(self.encoder.model, model),
+            "cka": layer_cka(self.encoder, model.encoder, self.cka_texts),
+        }
+        if source_head is not None:
+            src = self.source.task
+            record["source_after"] = evaluate(_with_head(model.encoder, source_head), src,
+                                              src.test)
+            record["probe_after"] = linear_probe(model.encoder, self.probe_train, src.test,
+                                                 label_kind=src.label_kind)
+        _write_json(path, record)
+        return record
+
+    def combine(self, seed: int, spec: str, source: dict, tr: dict, base: dict
+                ) -> dict[str, Any]:
+        m, sm = self.metric, self.source_metric
+        retention = Retention(source["metrics"][sm], tr["source_after"][sm])
+        acc = np.array([[retention.before, 0.0], [retention.after, tr["metrics"][m]]])
+        return {
+            "seed": seed, "distribution": spec,
+            "target": tr["metrics"][m], "baseline": base["metrics"][m],
+            "gain": tr["metrics"][m] - base["metrics"][m],
+            "target_metrics": tr["metrics"], "baseline_metrics": base["metrics"],
+            "source_before": retention.before, "source_after": retention.after,
+            "retention_delta": retention.delta, "retention_ratio": retention.ratio,
+            "bwt": backward_transfer(acc),
+            "probe_before": source["probe"], "probe_after": tr["probe_after"],
+            "drift": {"transfer": tr["drift"], "baseline": base["drift"]},
+            "cka": {"transfer": tr["cka"], "baseline": base["cka"]},
+            "curves": {"source_loss": source["losses"], "transfer_loss": tr["losses"],
+                       "baseline_loss": base["losses"],
+                       "transfer_epoch_metric": tr["epoch_metric"],
+                       "baseline_epoch_metric": base["epoch_metric"]},
+            "seconds": {"source": source["seconds"], "target": tr["seconds"],
+                        "baseline": base["seconds"]},
+        }
+
+
+def _check_run_config(out: Path, config: dict[str, Any], *, overwrite: bool) -> None:
+    """One output folder holds one run: refuse to mix results of different settings."""
+    path = out / RUN_CONFIG
+    old = _read_json(path)
+    if old is not None and old != config:
+        if not overwrite:
+            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise DataError(f"{out} holds a transfer run with other settings (differs in "
+                            f"{changed}); use another --out, or --overwrite to discard it.")
+        for sub in ("runs", "checkpoints", "lr_search"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    _write_json(path, config)
+
+
+def transfer(
+    target: str | Task,
+    source: str | Task = "auto",
+    *,
+    registry: str | Path | Registry | None = None,
+    encoder: Encoder | str | None = None,
+    lr_distributions: Sequence[str] | str | None = None,
+    settings: TransferSettings | None = None,
+    search: LRSearchSettings | None = None,
+    out: str | Path = "transfer-out",
+    method: str = "esm-logme",
+    overwrite: bool = False,
+    progress: bool = True,
+    plots: bool = True,
+    task_options: dict[str, Any] | None = None,
+    train_target: TargetTrainer | None = None,
+) -> TransferReport:
+    """Run the whole transfer for ``target`` and write the report to ``out``.
+
+    Parameters
+    ----------
+    target : ``builtin:ID``, a file, a Hub name or a Task.
+    source : ``auto`` (best of ``rank(target, registry, method)``), an ESM id or task id
+        in the registry, or any task spec.
+    lr_distributions : one spec or several (compared side by side on the same source
+        models): ``flat:LR``, ``llrd:LR,DECAY``, ``kenneweg[:BASE]``, a JSON file, or
+        ``search`` (an optuna search, :func:`search_distribution`, whose best
+        distribution is written to ``OUT/lr_search/best_distribution.json``). Default:
+        ``flat`` at ``settings.finetune.lr``.
+    out : folder for ``report.json``, ``report.md``, plots, stage results and checkpoints.
+        Running again with the same arguments resumes; other arguments are refused
+        unless ``overwrite``.
+    train_target : the target-stage trainer (default :func:`finetune.train.finetune`);
+        stabilisers plug in here.
+    """
+    t0 = time.perf_counter()
+    settings = settings or TransferSettings()
+    out = Path(out)
+    reg = registry if isinstance(registry, Registry) else open_registry(registry)
+    if encoder is None or isinstance(encoder, str):
+        known = reg.encoders()
+        name = encoder or (known[0].name if known else None)
+        match = next((k for k in known if k.name == name), None)
+        encoder = load_encoder(*([name] if name else []),
+                               pooling=match.pooling if match else None,
+                               max_length=match.max_length if match else None)
+    target_task = load_task(target, **(task_options or {})) if isinstance(target, str) \
+        else target
+    if isinstance(lr_distributions, str):
+        lr_distributions = [lr_distributions]
+    specs = list(lr_distributions or [f"flat:{settings.finetune.lr:g}"])
+    groups = layer_groups(TaskModel(encoder, 2))
+    for spec in specs:  # fail before any training on a bad spec
+        if spec != SEARCH_SPEC:
+            resolve_distribution(spec, groups)
+    if len(set(map(_slug, specs))) != len(specs):
+        raise ValueError(f"LR distributions must be distinct; got {specs}.")
+
+    choice = choose_source(target_task, source, reg, encoder=encoder, method=method,
+                           progress=progress, task_options=task_options)
+    if choice.task.task_id == target_task.task_id:
+        raise DataError(f"The source and the target are the same task "
+                        f"({target_task.task_id!r}); choose another source.")
+    target_task = target_task.subsample(max_train=settings.target_max_examples,
+                                        max_test=settings.max_eval, seed=settings.data_seed)
+    choice.task = choice.task.subsample(max_train=settings.source_max_examples,
+                                        max_test=settings.max_eval, seed=settings.data_seed)
+    config = {"target": target_task.task_id, "target_data": target_task.data_hash(),
+              "source": choice.task.task_id, "source_data": choice.task.data_hash(),
+              "source_model": str(choice.model_dir) if choice.model_dir else None,
+              "encoder": encoder.identity.cache_key(), "distributions": specs,
+              "settings": {**settings.to_dict(), "seeds": None, "first_seed": None,
+                           "keep_checkpoints": None},
+              "search": dataclasses.asdict(search) if search and SEARCH_SPEC in specs else None}
+    _check_run_config(out, config, overwrite=overwrite)
+
+    run = TransferRun(out, target=target_task, source=choice, encoder=encoder,
+                      settings=settings, distributions=specs, progress=progress)
+    timings: dict[str, float] = {"setup": time.perf_counter() - t0}
+    if SEARCH_SPEC in specs:
+        t1 = time.perf_counter()
+        best = search_distribution(run, search or LRSearchSettings(), out / "lr_search")
+        specs[specs.index(SEARCH_SPEC)] = str(best)
+        run.specs = specs
+        timings["search"] = time.perf_counter() - t1
+    distributions = {spec: resolve_distribution(spec, groups) for spec in specs}
+
+    rows = []
+    bar = tqdm(total=len(settings.seed_list) * (1 + 2 * len(specs)), desc="transfer",
+               unit="stage", disable=not progress)
+    for seed in settings.seed_list:
+        stages = [run.stage_file(seed, f"{_slug(s)}-{n}") for s in specs
+                  for n in ("transfer", "baseline")]
+        if all(p.is_file() for p in stages) and run.stage_file(seed, "source").is_file():
+            src_model, src_record = None, _read_json(run.stage_file(seed, "source"))
+        else:  # only load (or train) the source model when a stage still needs it
+            src_model, src_record = run.source_model(seed)
+        bar.update(1)
+        for spec in specs:
+            tr = run.target_stage(seed, spec, src_model.encoder if src_model else encoder,
+                                  "transfer", src_model.head if src_model else None,
+                                  train_target)
+            bar.update(1)
+            base = run.target_stage(seed, spec, encoder, "baseline", None, train_target)
+            bar.update(1)
+            rows.append(run.combine(seed, spec, src_record, tr, base))
+        if not settings.keep_checkpoints:
+            shutil.rmtree(run.checkpoint(seed, "source-model"), ignore_errors=True)
+    bar.close()
+    probe_base = _read_json(out / "runs" / "probe_base.json")
+    if probe_base is None:
+        probe_base = linear_probe(encoder, run.probe_train, choice.task.test,
+                                  label_kind=choice.task.label_kind)
+        _write_json(out / "runs" / "probe_base.json", probe_base)
+    timings["total"] = time.perf_counter() - t0
+    report = TransferReport(
+        target={"task_id": target_task.task_id, "origin": target_task.origin,
+                "num_train": len(target_task.train), "num_test": len(target_task.test),
+                "num_labels": target_task.num_labels, "label_kind": target_task.label_kind},
+        source=choice.to_dict(),
+        settings={"encoder": encoder.name, "encoder_identity": dataclasses.asdict(
+            encoder.identity), "registry": str(reg.path), "method": method,
+            "transfer": settings.to_dict(),
+            "search": dataclasses.asdict(search) if search else None},
+        distributions=distributions, runs=rows, primary_metric=run.metric,
+        probe_base=float(probe_base), timings={k: round(v, 2) for k, v in timings.items()})
+    report.save(out, plots=plots)
+    return report
+
+
+# -- LR distribution search -------------------------------------------------------------
+def search_distribution(run: TransferRun, search: LRSearchSettings, folder: Path) -> Path:
+    """Search per-group learning rates with optuna (TPE sampler, Hyperband pruner).
+
+    After Kenneweg et al. 2024, who searched per-layer-group LRs by Bayesian
+    optimisation with Hyperband. Each trial fine-tunes the (first seed's) source
+    model on the target's training split minus a held-out validation share and
+    scores ``val metric + retention_weight * source retention ratio`` after every
+    epoch (Hyperband prunes on it). Trials live in ``folder/study.sqlite``, so a killed
+    search resumes; the best distribution is written to
+    ``folder/best_distribution.json`` (a reusable ``--lr-distribution`` file).
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    folder.mkdir(parents=True, exist_ok=True)
+    best_path = folder / "best_distribution.json"
+    seed = run.settings.seed_list[0]
+    src_model, src_record = run.source_model(seed)
+    train, val = _validation_split(run.target, search.validation_ratio, search.seed)
+    src_task = run.source.task
+    src_eval = _sample(src_task.test, search.source_eval_examples, search.seed)
+    before = evaluate(src_model, src_task, src_eval)[run.source_metric]
+    groups = layer_groups(src_model)
+    ft = run._ft(seed)
+
+    storage = f"sqlite:///{(folder / 'study.sqlite').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name="lr-search", storage=storage, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=search.seed, multivariate=True),
+        pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=ft.epochs,
+                                              reduction_factor=3))
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(stale._trial_id, TrialState.FAIL)  # killed run
+
+    def objective(trial: optuna.Trial) -> float:
+        lrs = {g: trial.suggest_float(f"lr:{g}", search.lr_min,
+                                      search.lr_max * (10 if g == "head" else 1), log=True)
+               for g in groups.names}
+        model = _fresh_model(src_model.encoder, run.target.num_labels, ft)
+
+        def score(epoch: int, m: TaskModel) -> dict[str, float]:
+            target_val = evaluate(m, run.target, val)[run.metric]
+            after = evaluate(_with_head(m.encoder, src_model.head), src_task,
+                             src_eval)[run.source_metric]
+            value = target_val + search.retention_weight * (after / before if before else 0.0)
+            trial.report(value, epoch + 1)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+            return {"objective": value, "target_val": target_val, "source_after": after}
+
+        result = finetune(model, train, label_kind=run.target.label_kind, settings=ft,
+                          progress=False, lr_distribution=lrs, on_epoch_end=score)
+        last = result.epoch_metrics[-1]
+        trial.set_user_attr("target_val", last["target_val"])
+        trial.set_user_attr("source_after", last["source_after"])
+        return last["objective"]
+
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    remaining = search.trials - len(study.get_trials(deepcopy=False, states=finished))
+    if remaining > 0:
+        bar = tqdm(total=search.trials, initial=search.trials - remaining, desc="LR search",
+                   unit="trial", disable=not run.progress)
+        study.optimize(objective, n_trials=remaining, timeout=search.timeout,
+                       callbacks=[lambda s, t: bar.update(1)], catch=(torch.OutOfMemoryError,))
+        bar.close()
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise DataError(f"The LR search finished no trial (all pruned or failed); see "
+                        f"{folder / 'study.sqlite'}. Raise --search-trials or --search-timeout.")
+    best = study.best_trial
+    mapping = {g: best.params[f"lr:{g}"] for g in groups.names}
+    _write_json(best_path, mapping)
+    _write_json(folder / "trials.json", [
+        {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+         "user_attrs": t.user_attrs} for t in study.get_trials(deepcopy=False)])
+    logger.info("LR search: best of %d trials %.4f -> %s", len(complete), best.value, best_path)
+    return best_path
+
