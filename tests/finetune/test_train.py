@@ -40,6 +40,18 @@ def _interrupt_at(monkeypatch, write_number: int) -> None:
     monkeypatch.setattr(T, "_write_checkpoint", write_then_die)
 
 
+def _killed_run(tiny_encoder, task, ckpt, monkeypatch, *, every: int, kill_after: int = 1,
+                **kwargs) -> None:
+    """A run that is killed right after its ``kill_after``-th checkpoint."""
+    with monkeypatch.context() as m:
+        _interrupt_at(m, kill_after)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(_model(tiny_encoder), task.train, label_kind="classification",
+                     progress=False, settings=SETTINGS, checkpoint_dir=ckpt,
+                     checkpoint_every=every, **kwargs)
+    assert (ckpt / T.CHECKPOINT_STATE).is_file()
+
+
 @pytest.mark.parametrize("every,kill_after", [(3, 2), (8, 1)])  # mid-epoch; at an epoch end
 def test_resume_gives_the_uninterrupted_weights(tiny_encoder, small_task, tmp_path, monkeypatch,
                                                 every, kill_after):
@@ -50,13 +62,8 @@ def test_resume_gives_the_uninterrupted_weights(tiny_encoder, small_task, tmp_pa
     assert full.steps == 16 and full.epoch_metrics == [{"epoch": 0}, {"epoch": 1}]
 
     ckpt = tmp_path / "ckpt"
-    with monkeypatch.context() as m:
-        _interrupt_at(m, kill_after)
-        with pytest.raises(KeyboardInterrupt):
-            finetune(_model(tiny_encoder), small_task.train, label_kind="classification",
-                     progress=False, settings=SETTINGS, checkpoint_dir=ckpt,
-                     checkpoint_every=every, on_epoch_end=lambda e, m: {"epoch": e})
-    assert (ckpt / T.CHECKPOINT_STATE).is_file()
+    _killed_run(tiny_encoder, small_task, ckpt, monkeypatch, every=every, kill_after=kill_after,
+                on_epoch_end=lambda e, m: {"epoch": e})
 
     resumed_model = _model(tiny_encoder)  # a fresh process would rebuild the model this way
     resumed = finetune(resumed_model, small_task.train, label_kind="classification",
@@ -77,11 +84,7 @@ def test_resume_gives_the_uninterrupted_weights(tiny_encoder, small_task, tmp_pa
 def test_checkpoint_from_another_run_is_refused(tiny_encoder, small_task, tmp_path,
                                                 monkeypatch):
     ckpt = tmp_path / "ckpt"
-    with monkeypatch.context() as m:
-        _interrupt_at(m, 1)
-        with pytest.raises(KeyboardInterrupt):
-            finetune(_model(tiny_encoder), small_task.train, label_kind="classification",
-                     progress=False, settings=SETTINGS, checkpoint_dir=ckpt, checkpoint_every=2)
+    _killed_run(tiny_encoder, small_task, ckpt, monkeypatch, every=2)
     other = FinetuneSettings(**{**SETTINGS.to_dict(), "lr": 5e-4})
     with pytest.raises(TrainingError, match="different run"):
         finetune(_model(tiny_encoder), small_task.train, label_kind="classification",
@@ -92,11 +95,7 @@ def test_checkpoint_from_another_run_is_refused(tiny_encoder, small_task, tmp_pa
 def test_crash_between_the_renames_resumes_from_the_old_copy(tiny_encoder, small_task,
                                                             tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
-    with monkeypatch.context() as m:
-        _interrupt_at(m, 1)
-        with pytest.raises(KeyboardInterrupt):
-            finetune(_model(tiny_encoder), small_task.train, label_kind="classification",
-                     progress=False, settings=SETTINGS, checkpoint_dir=ckpt, checkpoint_every=5)
+    _killed_run(tiny_encoder, small_task, ckpt, monkeypatch, every=5)
     ckpt.rename(tmp_path / "ckpt.old")  # state just before `tmp.rename(folder)`
     (tmp_path / "ckpt.tmp").mkdir()  # a half-written newer copy is ignored
     result = finetune(_model(tiny_encoder), small_task.train, label_kind="classification",
