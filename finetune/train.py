@@ -80,7 +80,7 @@ class TaskModel(nn.Module):
         self.encoder = encoder
         self.backbone = encoder.model  # registered so .parameters() covers the encoder
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.dim, num_labels)
+        self.head = nn.Linear(encoder.dim, num_labels, device=encoder.device)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.dropout(self.encoder.forward_batch(batch)))
@@ -201,7 +201,8 @@ def build_optimizer(model: nn.Module, settings: FinetuneSettings, total_steps: i
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, inputs: dict[str, torch.Tensor],
                targets: torch.Tensor, *, label_kind: str, max_grad_norm: float) -> float:
     """One forward/backward/clip/step; returns the loss. Raises on a NaN/inf loss."""
-    loss = task_loss(model(inputs), targets, label_kind)
+    outputs = model(inputs)
+    loss = task_loss(outputs, targets.to(outputs.device), label_kind)
     if not torch.isfinite(loss):
         raise TrainingError(f"Loss became {loss.item()}")
     opt.zero_grad(set_to_none=True)
@@ -417,7 +418,7 @@ def predict(model: TaskModel, split: Split, *, batch_size: int = 64) -> np.ndarr
     order = np.argsort([-len(x) for x in encoded["input_ids"]], kind="stable")
     out = np.empty((len(split), model.head.out_features), dtype=np.float32)
     for idx, batch in _batches(encoded, order, batch_size, enc.tokenizer):
-        out[idx] = model(batch).float().numpy()
+        out[idx] = model(batch).float().cpu().numpy()
     return out[:, 0] if model.head.out_features == 1 else out
 
 
@@ -477,7 +478,8 @@ def save_task_model(model: TaskModel, folder: str | Path, *, label_kind: str,
          "max_length": model.encoder.max_length}, indent=2, sort_keys=True))
 
 
-def load_task_model(folder: str | Path, *, name: str | None = None) -> TaskModel:
+def load_task_model(folder: str | Path, *, name: str | None = None,
+                    device: str | torch.device = "cpu") -> TaskModel:
     """Load a model saved by :func:`save_task_model` (or kept by a registry build).
 
     ``name``: the encoder name to record (default: the folder).
@@ -492,9 +494,9 @@ def load_task_model(folder: str | Path, *, name: str | None = None) -> TaskModel
                                 f"{TASK_MODEL_ENCODER}/, {TASK_MODEL_HEAD} and {TASK_MODEL_META}.")
     meta = json.loads((folder / TASK_MODEL_META).read_text())
     encoder = load_encoder(str(folder / TASK_MODEL_ENCODER), pooling=meta["pooling"],
-                           max_length=meta["max_length"])
+                           max_length=meta["max_length"], device=str(device))
     if name is not None:
         encoder.name = name
     model = TaskModel(encoder, int(meta["num_labels"]))
     model.head.load_state_dict(load_file(str(folder / TASK_MODEL_HEAD)))
-    return model.eval()
+    return model.to(device).eval()

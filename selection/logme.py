@@ -375,7 +375,10 @@ def logme_fixed_point(
     if np.any(ok):
         idx = np.flatnonzero(ok)
         ev_b, alpha_b, beta_b = _boundary(s[idx], x2[idx], resid[idx], n)
-        better = ev_b > evidence[idx]
+        # The limit is the supremum: an iteration that got within round-off of it (the
+        # interior value may even exceed it by a few ulps) has reached the boundary.
+        slack = 1e-10 * np.maximum(1.0, np.abs(evidence[idx]))
+        better = ev_b >= evidence[idx] - slack
         idx = idx[better]
         evidence[idx], alpha[idx], beta[idx] = ev_b[better], alpha_b[better], beta_b[better]
         converged[idx] = True

@@ -244,7 +244,9 @@ def rank(
     timings["load"] = time.perf_counter() - t0
     reg.check_encoder(encoder.identity)
     t1 = time.perf_counter()
-    emb_cache = (EmbeddingCache() if cache is True else cache) or None
+    # Not `cache or None`: an EmbeddingCache has a length, and an empty one is falsy.
+    emb_cache = EmbeddingCache() if cache is True else (
+        cache if isinstance(cache, EmbeddingCache) else None)
     prepared = prepare_target(task, encoder, max_examples=max_examples, cache=emb_cache,
                               progress=progress)
     timings["embed"] = time.perf_counter() - t1
