@@ -15,6 +15,9 @@ vocab         share of the target's frequent words found among the source's
 source-logme  LogME on embeddings from the kept fine-tuned source model (the expensive
               quantity ESMs approximate); only for sources built with --keep-models
 random        seeded random scores (a floor for benchmarks)
+
+Higher layers add methods with :func:`register_scorer` (``kernel``: eNTK accuracy with
+each kept source model, Malladi et al. 2023, from ``finetune.kernel``).
 """
 
 from __future__ import annotations
@@ -297,11 +300,40 @@ SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls for cls in (ESMLogME, KNN, BaseLogME, TextEmb, VocabOverlap, SourceLogME,
                               RandomScorer)
 }
+# The built-in methods; stays fixed. Methods registered later are in available_methods().
 METHODS: tuple[str, ...] = tuple(SCORERS)
+
+
+def register_scorer(cls: type[Scorer]) -> type[Scorer]:
+    """Add a scorer class from a higher layer, so ``get_scorer``, ``rank`` and the CLI's
+    ``--method`` see it (``finetune.kernel`` registers ``kernel``; ``import stepstone``
+    imports it). Usable as a class decorator; registering the same class again is a no-op.
+
+    Raises
+    ------
+    ValueError
+        When ``cls`` is not a :class:`Scorer` subclass with a ``name``, or the name is
+        taken by another class.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Scorer)) or not cls.name:
+        raise ValueError(f"Expected a Scorer subclass with a non-empty 'name'; got {cls!r}.")
+    known = SCORERS.get(cls.name)
+    if known is not None and known is not cls:
+        raise ValueError(f"Method name {cls.name!r} is already taken by "
+                         f"{known.__module__}.{known.__qualname__}.")
+    SCORERS[cls.name] = cls
+    return cls
+
+
+def available_methods() -> tuple[str, ...]:
+    """Every method ``get_scorer`` accepts now: the built-in ones and registered ones."""
+    return tuple(SCORERS)
 
 
 def get_scorer(method: str, **options) -> Scorer:
     """Instantiate a scorer by method name; options go to its constructor."""
     if method not in SCORERS:
-        raise ValueError(f"'method' must be one of {list(SCORERS)}; got {method!r}.")
+        hint = " ('kernel' is registered by importing finetune.kernel or stepstone)" \
+            if method == "kernel" else ""
+        raise ValueError(f"'method' must be one of {list(SCORERS)}; got {method!r}{hint}.")
     return SCORERS[method](**options)
