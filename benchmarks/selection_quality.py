@@ -1,0 +1,681 @@
+"""Selection quality: how well each ranking method picks intermediate tasks.
+
+Reads the ground-truth transfer matrix (``transfer_matrix.jsonl``, written by
+``transfer_matrix.py``) and, per target T, ranks the other tasks as sources with
+each method, then compares the ranking with the measured performances.
+
+Definitions (per target T; perf = the target test metric, accuracy by default,
+mean over the seeds; perf_none(T) = T fine-tuned without an intermediate step):
+
+* regret@k = 100 * (best - best_topk) / best, with
+  best = max(max_S perf(S, T), perf_none(T)) and best_topk = the largest perf(S, T)
+  among the method's k top-ranked sources. Schulte et al. (EMNLP 2024) normalise
+  by the best source, as we read them; here ``best`` also counts "no intermediate
+  step" (the issue's definition), so a method whose every pick hurts is charged
+  against plain fine-tuning. The top-k choice itself never falls back to "no
+  intermediate step". ``regret_src@k`` (in the JSON) is the variant with
+  best = max_S perf(S, T) only.
+* NDCG@5 (sklearn ``ndcg_score``) of the method's order, relevance = perf(S, T) -
+  min_S perf(S, T) (>= 0; all-equal relevances count as a perfect 1.0).
+* Spearman correlation between the method's order and the true gains
+  perf(S, T) - perf_none(T).
+
+Every metric scores the order ``rank()`` returns (ties broken by task id), which
+is what a user gets; base-embedding ``logme`` gives every source the same score,
+so its order is the tie-break and it is in the table for its cost and as the
+"no intermediate step" reference, not as a selector. ``random`` is the mean over
+10 seeds. Cost columns: milliseconds of ``rank()``'s scoring stage per source
+per target (median over ``--repeats``; the target's embedding, shared by all
+sources, is in its own column; 0 for methods that need none), and bytes on disk
+per source (the ESM's
+config.json + model.safetensors; the kept model for ``source-logme``; the task
+vector for ``textemb``; the word profile for ``vocab``).
+
+Seed noise of the ground truth: the std of a cell across seeds (mean over cells),
+and the regret@k of a split-seed oracle that ranks by one seed's measured
+performances and is scored on another seed's (mean over ordered seed pairs).
+A method's regret within that oracle's regret is inside the noise.
+
+The method scores are cached in ``selection_quality_scores.json`` next to the
+results, so regenerating the table and plots from the committed files needs no
+model (seconds). ``--recompute`` scores again from the runner's work registries
+(``benchmarks/work/matrix/<protocol key>/``), and first builds the two ESM
+variants that need no fine-tuning: low-rank ESMs fitted from the kept seed-0
+source models (``registry-lowrank``) and the linear ESMs stored in float16
+(``registry-fp16``; loaded back into float32 for scoring).
+
+    python benchmarks/selection_quality.py                # table + plots from the cache
+    python benchmarks/selection_quality.py --recompute    # rescore (needs the work dir)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import statistics
+import sys
+import time
+from itertools import permutations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+KS = (1, 3, 5)
+RANDOM_SEEDS = 10
+
+logger = logging.getLogger("selection_quality")
+
+
+def _matrix_module():
+    """benchmarks/transfer_matrix.py (benchmarks are scripts, not a package)."""
+    mod = sys.modules.get("transfer_matrix")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("transfer_matrix",
+                                                      HERE / "transfer_matrix.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["transfer_matrix"] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+# -- metrics (pure functions on one target) -------------------------------------------------
+def regret_at_k(perf: dict[str, float], order: list[str], k: int, *,
+                baseline: float | None = None) -> float:
+    """100 * (best - best of the top k) / best.
+
+    perf: source -> measured target performance; order: sources, best first (only
+    sources in ``perf`` count); baseline: performance without an intermediate step,
+    included in ``best`` when given.
+    """
+    ranked = [s for s in order if s in perf]
+    if not ranked or k < 1:
+        raise ValueError(f"Need k >= 1 and at least one ranked source; got k={k}, "
+                         f"{len(ranked)} ranked.")
+    best = max(perf.values())
+    if baseline is not None:
+        best = max(best, baseline)
+    picked = max(perf[s] for s in ranked[:k])
+    return 100.0 * (best - picked) / best
+
+
+def ndcg_at_k(perf: dict[str, float], order: list[str], k: int = 5) -> float:
+    """NDCG@k of ``order`` with relevance perf - min(perf) (sklearn ``ndcg_score``)."""
+    from sklearn.metrics import ndcg_score
+
+    ranked = [s for s in order if s in perf]
+    if len(ranked) < 2:
+        return 1.0
+    rel = np.array([perf[s] for s in ranked], dtype=np.float64)
+    rel -= rel.min()
+    if not rel.any():
+        return 1.0  # every order of equally good sources is ideal
+    score = -np.arange(len(ranked), dtype=np.float64)  # the order itself, no ties
+    return float(ndcg_score(rel[None, :], score[None, :], k=k))
+
+
+def spearman_gain(perf: dict[str, float], order: list[str], baseline: float) -> float:
+    """Spearman correlation of the order with the gains perf - baseline (nan when the
+    gains are all equal)."""
+    from scipy.stats import spearmanr
+
+    ranked = [s for s in order if s in perf]
+    gains = np.array([perf[s] - baseline for s in ranked])
+    if len(ranked) < 2 or np.ptp(gains) == 0:
+        return float("nan")
+    return float(spearmanr(-np.arange(len(ranked)), gains).statistic)
+
+
+# -- ground truth -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class GroundTruth:
+    """Measured performances of one protocol.
+
+    perf[seed][(source, target)], base[seed][target]; ``mean_perf`` and
+    ``mean_base`` average over the seeds that have the cell.
+    """
+
+    protocol_key: str
+    protocol: dict[str, Any]
+    metric: str
+    tasks: list[str]
+    seeds: list[int]
+    perf: dict[int, dict[tuple[str, str], float]]
+    base: dict[int, dict[str, float]]
+    specs: dict[str, str]
+
+    def mean_perf(self, target: str) -> dict[str, float]:
+        out = {}
+        for s in self.tasks:
+            vals = [self.perf[sd][(s, target)] for sd in self.seeds
+                    if (s, target) in self.perf[sd]]
+            if s != target and vals:
+                out[s] = float(np.mean(vals))
+        return out
+
+    def mean_base(self, target: str) -> float:
+        vals = [self.base[sd][target] for sd in self.seeds if target in self.base[sd]]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def targets(self) -> list[str]:
+        """Targets with a baseline and at least one source."""
+        return [t for t in self.tasks if self.mean_perf(t) and np.isfinite(self.mean_base(t))]
+
+    def gains(self) -> np.ndarray:
+        """(source x target) mean gain, nan on the diagonal and for missing cells."""
+        g = np.full((len(self.tasks), len(self.tasks)), np.nan)
+        for j, t in enumerate(self.tasks):
+            perf, b = self.mean_perf(t), self.mean_base(t)
+            for i, s in enumerate(self.tasks):
+                if s in perf:
+                    g[i, j] = perf[s] - b
+        return g
+
+    def cell_std(self) -> float:
+        """Std (ddof=1) of each cell and baseline across seeds, mean over cells."""
+        stds = []
+        keys = {k for sd in self.seeds for k in self.perf[sd]}
+        for k in keys:
+            v = [self.perf[sd][k] for sd in self.seeds if k in self.perf[sd]]
+            if len(v) > 1:
+                stds.append(np.std(v, ddof=1))
+        for t in self.tasks:
+            v = [self.base[sd][t] for sd in self.seeds if t in self.base[sd]]
+            if len(v) > 1:
+                stds.append(np.std(v, ddof=1))
+        return float(np.mean(stds)) if stds else float("nan")
+
+    def split_seed_oracle(self) -> dict[str, float]:
+        """regret@k of ranking by seed a's measurements, scored on seed b's (mean over
+        ordered pairs a != b and targets): the regret the ground truth's noise alone causes."""
+        out: dict[str, list[float]] = {f"regret@{k}": [] for k in KS}
+        for a, b in permutations(self.seeds, 2):
+            for t in self.tasks:
+                pa = {s: self.perf[a][(s, t)] for s in self.tasks if (s, t) in self.perf[a]}
+                pb = {s: self.perf[b][(s, t)] for s in self.tasks if (s, t) in self.perf[b]}
+                common = sorted(set(pa) & set(pb))
+                if not common or t not in self.base[b]:
+                    continue
+                order = sorted(common, key=lambda s, pa=pa: (-pa[s], s))
+                for k in KS:
+                    out[f"regret@{k}"].append(regret_at_k(
+                        {s: pb[s] for s in common}, order, k, baseline=self.base[b][t]))
+        return {k: float(np.mean(v)) if v else float("nan") for k, v in out.items()}
+
+
+def load_ground_truth(rows: list[dict[str, Any]], *, protocol_key: str | None = None,
+                      metric: str = "accuracy") -> GroundTruth:
+    keys = sorted({r["protocol_key"] for r in rows})
+    if not keys:
+        raise ValueError("The results file holds no transfer-matrix rows.")
+    if protocol_key is None:
+        if len(keys) > 1:
+            raise ValueError(f"The results file holds several protocols {keys}; pick one "
+                             f"with --protocol.")
+        protocol_key = keys[0]
+    rows = [r for r in rows if r["protocol_key"] == protocol_key]
+    if not rows:
+        raise ValueError(f"No rows with protocol {protocol_key!r}; the file has {keys}.")
+    if metric not in rows[0]:
+        raise ValueError(f"Rows have no metric {metric!r}; they have "
+                         f"{sorted(k for k, v in rows[0].items() if isinstance(v, float))}.")
+    seeds = sorted({r["seed"] for r in rows})
+    perf: dict[int, dict] = {s: {} for s in seeds}
+    base: dict[int, dict] = {s: {} for s in seeds}
+    specs: dict[str, str] = {}
+    tasks: list[str] = []
+    for r in rows:
+        for name in (r["source"], r["target"]):
+            if name is not None and name not in tasks:
+                tasks.append(name)
+        specs[r["target"]] = r["target_spec"]
+        if r["source"] is None:
+            store, key = base[r["seed"]], r["target"]
+        else:
+            store, key = perf[r["seed"]], (r["source"], r["target"])
+        if key in store:
+            logger.warning("Cell %s seed %s appears twice; keeping the first.", key, r["seed"])
+            continue
+        store[key] = float(r[metric])
+    return GroundTruth(protocol_key, rows[0]["protocol"], metric, sorted(tasks), seeds, perf,
+                       base, specs)
+
+
+# -- methods ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row of the table: a ``rank()`` method on one of the work registries."""
+
+    name: str
+    method: str
+    registry: str = "s0"          # registry-s0, registry-s1, registry-lowrank, registry-fp16
+    layer: int | None = None
+    approx_rank: int | None = None
+    random_seeds: int = 0
+    note: str = ""
+
+
+def methods(protocol: dict[str, Any], *, approx_rank: int, lowrank: int,
+            have_s1: bool) -> list[Method]:
+    exit_layer = protocol.get("exit_layer")
+    out = [
+        Method("esm-logme", "esm-logme", note="linear ESMs, exact (Schulte et al. 2024)"),
+        Method(f"esm-logme approx-{approx_rank}", "esm-logme", approx_rank=approx_rank,
+               note=f"target's top {approx_rank} principal directions"),
+        Method(f"esm-logme lowrank-{lowrank}", "esm-logme", registry="lowrank",
+               note=f"rank-{lowrank} residual ESMs fitted from the kept seed-0 models"),
+        Method("esm-logme fp16", "esm-logme", registry="fp16",
+               note="linear ESMs stored in float16"),
+    ]
+    if exit_layer:
+        out.append(Method(f"esm-logme exit-L{exit_layer}", "esm-logme", layer=exit_layer,
+                          note=f"early exit after layer {exit_layer} (Kang et al. 2021)"))
+    if have_s1:
+        out.append(Method("esm-logme seed-1 ESMs", "esm-logme", registry="s1",
+                          note="ESMs of the seed-1 source models (ESM-side noise)"))
+    out += [
+        Method("knn", "knn", note="leave-one-out 5-NN accuracy of ESM-mapped embeddings"),
+        Method("source-logme", "source-logme",
+               note="LogME with each real fine-tuned source model (what ESMs approximate)"),
+        Method("logme (base)", "logme", note="same score for every source: order = tie-break"),
+        Method("textemb", "textemb", note="cosine of mean base embeddings (Vu et al. 2020)"),
+        Method("vocab", "vocab", note="share of the target's frequent words in the source's"),
+        Method("random", "random", random_seeds=RANDOM_SEEDS,
+               note=f"mean over {RANDOM_SEEDS} seeds"),
+    ]
+    return out
+
+
+def _folder_bytes(folder: Path, names: tuple[str, ...] | None = None) -> int:
+    files = [p for p in folder.rglob("*") if p.is_file()] if names is None \
+        else [folder / n for n in names if (folder / n).is_file()]
+    return sum(p.stat().st_size for p in files)
+
+
+def bytes_per_source(method: Method, reg, entries) -> float:
+    from esm.model import CONFIG_NAME, WEIGHTS_NAME
+    from esm.registry import PROFILE_NAME
+
+    sizes = []
+    for e in entries:
+        if method.method in ("esm-logme", "knn"):
+            sizes.append(_folder_bytes(reg.esm_dir(e.id), (CONFIG_NAME, WEIGHTS_NAME)))
+        elif method.method == "source-logme":
+            folder = reg.model_dir(e.id)
+            sizes.append(_folder_bytes(folder) if folder is not None else 0)
+        elif method.method == "textemb":
+            sizes.append(0 if e.task_vector is None else e.task_vector.nbytes)
+        elif method.method == "vocab":
+            sizes.append(_folder_bytes(reg.esm_dir(e.id), (PROFILE_NAME,)))
+        else:
+            sizes.append(0)
+    return float(np.mean(sizes)) if sizes else 0.0
+
+
+# -- variant registries (no extra fine-tuning) -------------------------------------------------
+def build_variants(work: Path, gt: GroundTruth, encoder, *, lowrank: int, cache=None,
+                   progress: bool = False) -> None:
+    """registry-lowrank and registry-fp16 from registry-s0 (resumable: keyed by the
+    source entry's settings key)."""
+    from esm.data import load_task
+    from esm.encoder import load_encoder
+    from esm.model import fit_esm
+    from esm.registry import Registry, same_encoder
+
+    s0 = Registry(work / "registry-s0")
+    low = Registry(work / "registry-lowrank", create=True)
+    half = Registry(work / "registry-fp16", create=True)
+    proto = gt.protocol
+    rank_ = min(lowrank, encoder.dim)
+    for e in s0.entries():
+        if not same_encoder(e.encoder_identity, encoder.identity):
+            continue  # early-exit ESMs have no variants here
+        profile = s0.profile(e.id)
+        fp16_key = f"fp16-{e.settings_key}"
+        if half.find(fp16_key) is None:
+            esm = s0.load_esm(e.id).half()
+            half.add(esm, esm_id=f"{e.id}-fp16", settings_key=fp16_key,
+                     task_vector=e.task_vector, profile=profile)
+        low_key = f"lowrank{rank_}-{e.settings_key}"
+        if low.find(low_key) is None and e.has_model:
+            task = load_task(gt.specs[e.task_id]).subsample(
+                max_train=proto["source_max_examples"], max_test=proto["source_max_eval"],
+                seed=0)  # the seed-0 build's source sample
+            inputs = task.train.inputs()
+            X = encoder.embed(inputs, cache=cache, progress=progress)
+            kept = load_encoder(str(s0.model_dir(e.id) / "encoder"), pooling=encoder.pooling,
+                                max_length=encoder.max_length)
+            Y = kept.embed(inputs, progress=progress)
+            esm, _ = fit_esm(X, Y, architecture="lowrank", rank=rank_,
+                             config=s0.config(e.id))
+            low.add(esm, esm_id=f"{e.id}-lowrank{rank_}", settings_key=low_key,
+                    task_vector=e.task_vector, profile=profile)
+    for reg in (s0, low, half):
+        reg.close()
+
+
+# -- scoring ----------------------------------------------------------------------------------
+def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowrank: int = 32,
+                   repeats: int = 3, progress: bool = True) -> dict[str, Any]:
+    """Rank every target with every method; the orders, timings and sizes (the cache)."""
+    from tqdm.auto import tqdm
+
+    from esm.cache import EmbeddingCache
+    from esm.data import load_task
+    from esm.encoder import load_encoder
+    from esm.registry import Registry
+    from selection.ranking import rank
+
+    proto = gt.protocol
+    work = Path(work)
+    if not (work / "registry-s0").is_dir():
+        raise FileNotFoundError(f"No {work / 'registry-s0'}: --recompute needs the runner's "
+                                "work folder (run transfer_matrix.py there first).")
+    encoder = load_encoder(proto["encoder"], pooling=proto["pooling"],
+                           max_length=proto["max_length"])
+    if encoder.identity.fingerprint != proto["encoder_fingerprint"]:
+        raise ValueError(f"Encoder {proto['encoder']!r} has fingerprint "
+                         f"{encoder.identity.fingerprint}; the matrix was made with "
+                         f"{proto['encoder_fingerprint']}.")
+    complete = {"lowrank", "fp16"}  # built below from registry-s0
+    for name in ("s0", "s1"):
+        folder = work / f"registry-{name}"
+        if not folder.is_dir():
+            continue
+        with Registry(folder) as reg:
+            have = {e.task_id for e in reg.entries() if e.has_model}
+        missing = sorted(set(gt.tasks) - have)
+        if missing and name == "s0":
+            raise RuntimeError(f"{folder} lacks the sources {missing} (a sharded run?); run "
+                               "`transfer_matrix.py run --seeds 0` on this machine first.")
+        if missing:
+            logger.warning("%s lacks the sources %s; leaving out the seed-1 ESM row.", folder,
+                           missing)
+        else:
+            complete.add(name)
+    cache = EmbeddingCache(work.parent / "cache")
+    build_variants(work, gt, encoder, lowrank=lowrank, cache=cache, progress=progress)
+    regs = {name: Registry(work / f"registry-{name}") for name in sorted(complete)}
+    targets = gt.targets()
+    tasks = {t: load_task(gt.specs[t]).subsample(
+        max_train=proto["target_max_train"], max_test=proto["target_max_test"],
+        seed=proto["data_seed"]) for t in targets}
+    table = methods(proto, approx_rank=approx_rank, lowrank=lowrank, have_s1="s1" in regs)
+    out: dict[str, Any] = {"protocol_key": gt.protocol_key, "targets": targets,
+                           "repeats": repeats, "methods": {}, "embed_seconds": {}}
+    # Target embedding cost, shared by every source: uncached, once per target and depth.
+    for layer in sorted({m.layer for m in table}, key=lambda x: x or 0):
+        enc = encoder if layer is None else encoder.with_layer(layer)
+        secs = []
+        for t in targets:
+            t0 = time.perf_counter()
+            enc.embed(tasks[t].train.inputs(), progress=False)
+            secs.append(time.perf_counter() - t0)
+        out["embed_seconds"][str(layer or "full")] = dict(zip(targets, secs, strict=True))
+    bar = tqdm(total=len(table) * len(targets), desc="ranking", unit="rank",
+               disable=not progress)
+    for m in table:
+        reg = regs[m.registry]
+        per_target = {}
+        for t in targets:
+            runs = [None] if not m.random_seeds else list(range(m.random_seeds))
+            orders, score_s, cands = [], [], 0
+            for seed in runs:
+                reps = 1 if (m.method == "source-logme" or m.random_seeds) else repeats
+                times = []
+                for _ in range(reps):
+                    r = rank(tasks[t], reg, m.method, encoder=encoder, layer=m.layer,
+                             approx_rank=m.approx_rank, max_examples=None, cache=cache,
+                             exclude_target=True, progress=False,
+                             scorer_options={"seed": seed} if seed is not None else None)
+                    if r.errors:
+                        raise RuntimeError(f"{m.name} on {t}: sources failed: {r.errors}")
+                    times.append(r.timings["score"])
+                orders.append(r.task_ids)
+                score_s.append(statistics.median(times))
+                cands = r.settings["candidates"]
+            layer_entries = [e for e in reg.entries() if e.task_id in r.task_ids
+                             and e.encoder_identity.layer == m.layer]
+            per_target[t] = {
+                "orders": orders, "candidates": cands,
+                "ms_per_source": 1000 * statistics.median(score_s) / max(cands, 1),
+                "bytes_per_source": bytes_per_source(m, reg, layer_entries),
+            }
+            bar.update(1)
+        out["methods"][m.name] = {"spec": dataclasses.asdict(m), "per_target": per_target}
+    bar.close()
+    for reg in regs.values():
+        reg.close()
+    cache.close()
+    return out
+
+
+# -- evaluation and outputs ------------------------------------------------------------------
+def _mean_std(values: list[float]) -> dict[str, float]:
+    v = np.array([x for x in values if np.isfinite(x)])
+    return {"mean": float(v.mean()) if len(v) else float("nan"),
+            "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"), "n": int(len(v))}
+
+
+def evaluate(gt: GroundTruth, scores: dict[str, Any]) -> dict[str, Any]:
+    """Per-target and mean metrics of every cached method against the ground truth."""
+    targets = gt.targets()
+    missing = [t for t in targets if t not in scores["targets"]]
+    if missing:
+        raise ValueError(f"The score cache has no rankings for targets {missing}; rerun with "
+                         f"--recompute.")
+    out: dict[str, Any] = {}
+    for name, m in scores["methods"].items():
+        per_target = {}
+        for t in targets:
+            perf, base = gt.mean_perf(t), gt.mean_base(t)
+            cached = m["per_target"][t]
+            rows = []
+            for order in cached["orders"]:
+                row = {f"regret@{k}": regret_at_k(perf, order, k, baseline=base) for k in KS}
+                row.update({f"regret_src@{k}": regret_at_k(perf, order, k) for k in KS})
+                row["ndcg@5"] = ndcg_at_k(perf, order, 5)
+                row["spearman"] = spearman_gain(perf, order, base)
+                rows.append(row)
+            per_target[t] = {k: float(np.nanmean([r[k] for r in rows]))
+                             if any(np.isfinite(r[k]) for r in rows) else float("nan")
+                             for k in rows[0]}
+            per_target[t]["top1"] = cached["orders"][0][0]
+        metric_names = [k for k in per_target[targets[0]] if k != "top1"]
+        layer = m["spec"]["layer"]
+        embed = scores["embed_seconds"].get(str(layer or "full"), {})
+        out[name] = {
+            "note": m["spec"]["note"],
+            "per_target": per_target,
+            **{k: _mean_std([per_target[t][k] for t in targets]) for k in metric_names},
+            "ms_per_source": float(np.mean([m["per_target"][t]["ms_per_source"]
+                                            for t in targets])),
+            "embed_ms_per_target": float(1000 * np.mean([embed[t] for t in targets]))
+            if embed and m["spec"]["method"] not in ("random", "vocab", "source-logme")
+            else 0.0,  # these need no base embedding of the target
+            "bytes_per_source": float(np.mean([m["per_target"][t]["bytes_per_source"]
+                                               for t in targets])),
+        }
+    return out
+
+
+def _fmt(stat: dict[str, float], digits: int = 2) -> str:
+    if not np.isfinite(stat["mean"]):
+        return "n/a"
+    if not np.isfinite(stat["std"]):
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def markdown(gt: GroundTruth, quality: dict[str, Any], noise: dict[str, Any]) -> str:
+    p = gt.protocol
+    lines = [
+        f"Protocol `{gt.protocol_key}` ({p['encoder']}): sources ≤ {p['source_max_examples']}"
+        f" train, targets {p['target_max_train']} train / ≤ {p['target_max_test']} test, "
+        f"lr {p['lr']:g}, {p['epochs']} epochs, batch {p['batch_size']}; seeds "
+        f"{gt.seeds}; {len(gt.targets())} targets; metric: target test {gt.metric}. "
+        "Mean ± std over targets.",
+        "",
+        "| method | regret@1 | regret@3 | regret@5 | NDCG@5 | Spearman (gain) "
+        "| ms / source / target | target embed ms | bytes / source |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, q in quality.items():
+        lines.append(
+            f"| {name} | {_fmt(q['regret@1'])} | {_fmt(q['regret@3'])} | {_fmt(q['regret@5'])}"
+            f" | {_fmt(q['ndcg@5'], 3)} | {_fmt(q['spearman'], 3)} | {q['ms_per_source']:.2f}"
+            f" | {q['embed_ms_per_target']:.0f} | {_fmt_bytes(q['bytes_per_source'])} |")
+    lines += ["", *[f"- {name}: {q['note']}" for name, q in quality.items()]]
+    o = noise["split_seed_oracle"]
+    lines += [
+        "",
+        f"Ground-truth seed noise: a cell's {gt.metric} varies by "
+        f"{noise['cell_std']:.4f} (std across seeds, mean over cells); a split-seed oracle "
+        f"(rank by one seed's measurements, score on another's) has regret@1/3/5 = "
+        f"{o['regret@1']:.2f} / {o['regret@3']:.2f} / {o['regret@5']:.2f}. Differences "
+        "between methods smaller than these are inside the noise.",
+        f"Transfer gains: {noise['positive_share']:.0%} of (source, target) cells beat "
+        f"fine-tuning on the target alone; mean gain {100 * noise['mean_gain']:+.2f} points, "
+        f"best per target {100 * noise['mean_best_gain']:+.2f} points on average.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_gains(gt: GroundTruth, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = 100 * gt.gains()
+    n = len(gt.tasks)
+    lim = float(np.nanmax(np.abs(g))) if np.isfinite(g).any() else 1.0
+    fig, ax = plt.subplots(figsize=(0.6 * n + 3, 0.5 * n + 2))
+    im = ax.imshow(np.ma.masked_invalid(g), cmap="RdBu", vmin=-lim, vmax=lim)
+    ax.set_xticks(range(n), gt.tasks, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), gt.tasks, fontsize=8)
+    ax.set_xlabel("target")
+    ax.set_ylabel("source (intermediate task)")
+    for i in range(n):
+        for j in range(n):
+            if np.isfinite(g[i, j]):
+                ax.text(j, i, f"{g[i, j]:.1f}", ha="center", va="center", fontsize=6)
+    fig.colorbar(im, ax=ax, label=f"gain ({gt.metric} points)", shrink=0.8)
+    ax.set_title(f"Target {gt.metric} gain over no intermediate step\n(mean over seeds "
+                 f"{gt.seeds}, protocol {gt.protocol_key})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_regret(quality: dict[str, Any], noise: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, q) in enumerate(quality.items()):
+        style = "-" if name.startswith("esm-logme") else "--"
+        ax.plot(KS, [q[f"regret@{k}"]["mean"] for k in KS], style, marker="o", label=name,
+                color=colors[i % len(colors)], lw=2.4 if name == "esm-logme" else 1.2)
+    o = noise["split_seed_oracle"]
+    ax.plot(KS, [o[f"regret@{k}"] for k in KS], ":", color="black", lw=2,
+            label="split-seed oracle (noise floor)")
+    ax.set_xticks(KS, [f"@{k}" for k in KS])
+    ax.set_xlabel("k (sources tried)")
+    ax.set_ylabel("regret@k (mean over targets, lower is better)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Selection regret by method")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None = None,
+               recompute: bool = False, protocol_key: str | None = None,
+               metric: str = "accuracy", approx_rank: int = 64, lowrank: int = 32,
+               repeats: int = 3, progress: bool = True) -> dict[str, Any]:
+    """Compute the table and plots; returns the JSON summary that is also written."""
+    tm = _matrix_module()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gt = load_ground_truth(tm.read_rows(results), protocol_key=protocol_key, metric=metric)
+    cache_path = out / "selection_quality_scores.json"
+    scores = json.loads(cache_path.read_text()) if cache_path.exists() else None
+    if scores is not None and scores.get("protocol_key") != gt.protocol_key:
+        logger.warning("The score cache is for protocol %s, not %s; recomputing.",
+                       scores.get("protocol_key"), gt.protocol_key)
+        scores = None
+    if recompute or scores is None or set(gt.targets()) - set(scores["targets"]):
+        work = Path(work) if work is not None else tm.WORK_DIR
+        scores = compute_scores(gt, work / gt.protocol_key, approx_rank=approx_rank,
+                                lowrank=lowrank, repeats=repeats, progress=progress)
+        # not sort_keys: the methods' order is the table's order
+        cache_path.write_text(json.dumps(scores, indent=1) + "\n")
+    quality = evaluate(gt, scores)
+    g = gt.gains()
+    noise = {"cell_std": gt.cell_std(), "split_seed_oracle": gt.split_seed_oracle(),
+             "positive_share": float(np.mean(g[np.isfinite(g)] > 0))
+             if np.isfinite(g).any() else 0.0,
+             "mean_gain": float(np.nanmean(g)),
+             "mean_best_gain": float(np.nanmean(np.nanmax(g, axis=0)))}
+    summary = {"protocol_key": gt.protocol_key, "protocol": gt.protocol, "metric": metric,
+               "seeds": gt.seeds, "tasks": gt.tasks, "targets": gt.targets(),
+               "definitions": {"regret@k": "100*(best-best_topk)/best, best incl. no "
+                               "intermediate step", "regret_src@k": "best over sources only",
+                               "ndcg@5": "relevance perf-min(perf)",
+                               "spearman": "order vs. gains"},
+               "ground_truth": {"perf": {t: gt.mean_perf(t) for t in gt.tasks},
+                                "baseline": {t: gt.mean_base(t) for t in gt.tasks}},
+               "noise": noise, "methods": quality}
+    (out / "selection_quality.json").write_text(
+        json.dumps(summary, indent=1, sort_keys=True, default=float) + "\n")
+    table = markdown(gt, quality, noise)
+    (out / "selection_quality.md").write_text(table)
+    plot_gains(gt, out / "transfer_matrix_gains.png")
+    plot_regret(quality, noise, out / "selection_quality_regret.png")
+    print(table)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(RESULTS_DIR / "transfer_matrix.jsonl"))
+    parser.add_argument("--out", default=str(RESULTS_DIR),
+                        help="Where the JSON, markdown, plots and score cache go.")
+    parser.add_argument("--work", default=None,
+                        help="The runner's work folder (default benchmarks/work/matrix).")
+    parser.add_argument("--recompute", action="store_true",
+                        help="Rescore every method (needs the work registries).")
+    parser.add_argument("--protocol", default=None, help="Protocol key, if several.")
+    parser.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1"])
+    parser.add_argument("--approx-rank", type=int, default=64)
+    parser.add_argument("--lowrank", type=int, default=32, help="Rank of the low-rank ESMs.")
+    parser.add_argument("--repeats", type=int, default=3, help="Timing repeats (median).")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    regenerate(results=args.results, out=args.out, work=args.work, recompute=args.recompute,
+               protocol_key=args.protocol, metric=args.metric, approx_rank=args.approx_rank,
+               lowrank=args.lowrank, repeats=args.repeats, progress=not args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""Ground-truth transfer matrix: fine-tune on every source S, then on every target T.
+
+The evidence behind "stepstone chooses well" (issue 5), with the protocol of
+Schulte, Hamborg, Akbik (EMNLP 2024, arXiv 2410.15148) scaled to a 2-core CPU:
+
+* for every seed, every source S is fine-tuned once from the base encoder
+  (``build_registry`` into ``WORK/<protocol key>/registry-s<seed>`` with
+  ``keep_models=True``; the same build also fits the source's linear ESM at full
+  depth and at ``exit_layer``, which the selection-quality table scores);
+* every cell (S, T != S): S's kept model gets a fresh, seeded head and is
+  fine-tuned on T's capped training split, then evaluated on T's capped test
+  split (accuracy, macro-F1);
+* every baseline (None, T): the base encoder fine-tuned on T alone, same settings.
+
+Protocol (defaults; every row records all of it and a short protocol key):
+sources capped at 1,000 training examples (stratified; the sample is drawn with
+the training seed, as ``build_registry`` does), targets at 200 training / 500
+test examples (stratified, data seed 0, the same sample for every seed and
+source), AdamW lr 2e-5, weight decay 0.01, 3 epochs, batch 32, linear decay, no
+warm-up, gradient clipping 1.0, dropout 0.1 before the head, seeds 0 and 1
+(the seed drives the source sample, both fine-tunings' batch order and dropout,
+and both heads' initialisation). Early-exit ESMs at layer 3 of 6.
+
+Every finished cell is appended at once to ``--results`` (JSON lines, one
+``write`` per row, flushed and fsynced); a rerun skips cells already there with
+the same protocol key, and a torn last line left by a kill is ignored with a
+warning and redone. ``--shard I/N`` splits the work between machines: the unit
+is a (seed, source) group, so each source model is fine-tuned on one machine
+only; with ``--shard`` every machine must use the same ``--tasks`` and
+``--seeds``. One process per seed (``--seeds 0`` / ``--seeds 1``) is the other
+split; processes may append to the same results file.
+
+Cost (measured 2026-11-23 with one torch thread, as CPU seconds because the
+machine ran ~10x more threads than its 2 cores; details in benchmarks/README.md):
+a training step of all-MiniLM-L6-v2 at batch 32 costs 1.18 s (movie_polarity,
+28 tokens) to 3.84 s (bbc_news, 128 tokens), evaluation 0.020-0.035 s per
+example, so one target cell (21 steps + up to 500 test examples) costs 32-99 s,
+~51 s on average. 13 tasks give 13 x 12 cells + 13 baselines = 169 cells per
+seed: ~2.4 h per seed, ~4.8 h for 2 seeds, plus ~1 h per seed for the 13 source
+fine-tunings (the shipped registry's build took 53 min). Two one-thread
+processes, one per seed, on an otherwise idle 2-core machine: ~3.5-4 h.
+
+    python benchmarks/transfer_matrix.py run [--tasks all] [--seeds 0 1] [--shard 0/1]
+    python benchmarks/transfer_matrix.py status
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS_FILE = HERE / "results" / "transfer_matrix.jsonl"
+WORK_DIR = HERE / "work" / "matrix"
+ROW_FORMAT = 1
+
+logger = logging.getLogger("transfer_matrix")
+
+
+@dataclass
+class Protocol:
+    """What a ground-truth cell depends on (besides the seed, source and target)."""
+
+    source_max_examples: int | None = field(
+        default=1000, metadata={"help": "Cap on source training examples (stratified)."})
+    source_max_eval: int = field(
+        default=1000, metadata={"help": "Cap on source test examples (source metric only)."})
+    target_max_train: int = field(
+        default=200, metadata={"help": "Cap on target training examples (stratified)."})
+    target_max_test: int = field(
+        default=500, metadata={"help": "Cap on target test examples (stratified)."})
+    data_seed: int = field(
+        default=0, metadata={"help": "Seed of the target caps (same data for every seed)."})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    epochs: int = field(default=3, metadata={"help": "Epochs of each fine-tuning."})
+    batch_size: int = field(default=32, metadata={"help": "Examples per step."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of steps to warm up."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout before the head."})
+    exit_layer: int | None = field(
+        default=3, metadata={"help": "Also fit early-exit ESMs at this layer (0: none)."})
+
+    def __post_init__(self) -> None:
+        if self.source_max_examples is not None and self.source_max_examples < 2:
+            raise ValueError(f"'source_max_examples' must be >= 2 or None; got "
+                             f"{self.source_max_examples}.")
+        for name in ("source_max_eval", "target_max_train", "target_max_test"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"'{name}' must be >= 2; got {getattr(self, name)}.")
+        if self.exit_layer is not None and self.exit_layer < 0:
+            raise ValueError(f"'exit_layer' must be >= 0 or None; got {self.exit_layer}.")
+        if self.exit_layer == 0:
+            self.exit_layer = None
+        self.finetune_settings(0)  # validates lr, epochs, batch size, ratios
+
+    def finetune_settings(self, seed: int):
+        from finetune.train import FinetuneSettings
+
+        return FinetuneSettings(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
+                                batch_size=self.batch_size, warmup_ratio=self.warmup_ratio,
+                                max_grad_norm=self.max_grad_norm, dropout=self.dropout,
+                                seed=seed)
+
+    def build_settings(self, seed: int, num_layers: int):
+        """The registry build of the sources for ``seed`` (kept models, ESMs)."""
+        from finetune.build import BuildSettings
+
+        exits = (self.exit_layer,) if self.exit_layer and self.exit_layer < num_layers else ()
+        return BuildSettings(max_examples=self.source_max_examples,
+                             max_eval=self.source_max_eval,
+                             finetune=self.finetune_settings(seed), keep_models=True,
+                             exit_layers=exits)
+
+    def record(self, encoder) -> dict[str, Any]:
+        """The protocol as stored in every row: these fields plus the encoder identity."""
+        ident = encoder.identity
+        return {**dataclasses.asdict(self), "encoder": encoder.name,
+                "encoder_fingerprint": ident.fingerprint, "pooling": ident.pooling,
+                "max_length": ident.max_length}
+
+    @staticmethod
+    def key_of(record: dict[str, Any]) -> str:
+        """Short key of a recorded protocol (the encoder's name does not count, its
+        weights fingerprint does)."""
+        payload = {k: v for k, v in record.items() if k != "encoder"}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# -- tasks and cells ------------------------------------------------------------------
+def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
+    """Task specs from ``all`` / ``builtin:all`` / ids / ``builtin:id`` / file paths
+    (comma-separated or a list), in order, without duplicates."""
+    from esm.catalog import builtin_ids, is_available
+
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in parts:
+        for p in (s.strip() for s in item.split(",")):
+            if not p:
+                continue
+            if p in ("all", "builtin:all"):
+                missing = [i for i in builtin_ids() if not is_available(i)]
+                if missing:
+                    logger.warning("Built-in tasks whose package is missing are left out: %s",
+                                   missing)
+                out += [f"builtin:{i}" for i in builtin_ids() if is_available(i)]
+            elif p in builtin_ids():
+                out.append(f"builtin:{p}")
+            else:
+                out.append(p)
+    out = list(dict.fromkeys(out))
+    if len(out) < 2:
+        raise ValueError(f"A transfer matrix needs at least 2 tasks; got {out}.")
+    return out
+
+
+def load_tasks(specs: list[str]) -> dict[str, Any]:
+    """Task id -> full Task (files: columns ``text`` and ``label``)."""
+    from esm.data import load_task
+
+    tasks = {}
+    for spec in specs:
+        task = load_task(spec)
+        if task.task_id in tasks:
+            raise ValueError(f"Two task specs give the task id {task.task_id!r}.")
+        tasks[task.task_id] = task
+    return tasks
+
+
+def groups(task_ids: list[str], seeds: list[int]) -> list[tuple[int, str | None]]:
+    """Work units in a fixed order: (seed, source) with source None for the baselines."""
+    return [(seed, src) for seed in seeds for src in [None, *task_ids]]
+
+
+def shard_groups(all_groups: list, shard: tuple[int, int]) -> list:
+    i, n = shard
+    return [g for j, g in enumerate(all_groups) if j % n == i]
+
+
+def cells_of(group: tuple[int, str | None], task_ids: list[str]) -> list[tuple]:
+    seed, src = group
+    return [(seed, src, t) for t in task_ids if t != src]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like I/N; got {text!r}.") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N; got {text!r}.")
+    return i, n
+
+
+# -- the results file -------------------------------------------------------------------
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """All complete rows of a results file; a torn or unreadable line is skipped with a
+    warning (a kill mid-write leaves at most the last line torn)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s line %d is torn or not JSON (a killed run?); ignored, its "
+                               "cell will be run again.", path, n)
+                continue
+            if not isinstance(row, dict) or "protocol_key" not in row:
+                logger.warning("%s line %d is not a transfer-matrix row; ignored.", path, n)
+                continue
+            rows.append(row)
+    return rows
+
+
+def cell_key(row: dict[str, Any]) -> tuple:
+    return (row["seed"], row["source"], row["target"])
+
+
+def done_cells(rows: list[dict[str, Any]], protocol_key: str) -> set[tuple]:
+    return {cell_key(r) for r in rows if r["protocol_key"] == protocol_key}
+
+
+def _end_with_newline(path: Path) -> None:
+    """After a torn last line, start the next row on a line of its own."""
+    if path.exists() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+        if last != b"\n":
+            append_line(path, "")
+
+
+def append_line(path: Path, text: str) -> None:
+    """Append ``text`` + newline with one ``write`` on an O_APPEND file, then fsync."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (text + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- running ----------------------------------------------------------------------------
+def registry_dir(work: Path, protocol_key: str, seed: int) -> Path:
+    return Path(work) / protocol_key / f"registry-s{seed}"
+
+
+def source_entry(reg, task_id: str, encoder):
+    """The full-depth entry with a kept model for ``task_id`` (exactly one expected)."""
+    from esm.registry import same_encoder
+
+    found = [e for e in reg.entries() if e.task_id == task_id and e.has_model
+             and same_encoder(e.encoder_identity, encoder.identity)]
+    if len(found) != 1:
+        raise RuntimeError(f"Expected one kept source model for {task_id!r} in {reg.path}; "
+                           f"found {[e.id for e in found]}.")
+    return found[0]
+
+
+def run_cell(start, target, *, seed: int, protocol: Protocol) -> dict[str, Any]:
+    """Fine-tune a copy of encoder ``start`` with a fresh seeded head on ``target``
+    (already capped) and evaluate it on the target's test split."""
+    import torch
+
+    from esm.encoder import Encoder
+    from finetune.train import TaskModel, evaluate, finetune
+
+    ft = protocol.finetune_settings(seed)
+    t0 = time.perf_counter()
+    enc = Encoder(copy.deepcopy(start.model), start.tokenizer, name=start.name,
+                  pooling=start.pooling, max_length=start.max_length)
+    torch.manual_seed(seed)  # the fresh head's init is part of the seed
+    model = TaskModel(enc, target.num_labels, dropout=ft.dropout)
+    result = finetune(model, target.train, label_kind=target.label_kind, settings=ft,
+                      progress=False)
+    train_s = time.perf_counter() - t0
+    metrics = evaluate(model, target, target.test)
+    return {**metrics, "steps": result.steps, "train_seconds": round(train_s, 2),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def run(
+    *,
+    tasks: str | list[str] = "all",
+    seeds: list[int] = (0, 1),
+    shard: tuple[int, int] = (0, 1),
+    work: str | Path = WORK_DIR,
+    results: str | Path = RESULTS_FILE,
+    encoder: str | None = None,
+    protocol: Protocol | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every cell of this shard that ``results`` does not hold yet.
+
+    Returns a summary: protocol key, cells in the shard, cells run now, seconds.
+    """
+    from tqdm.auto import tqdm
+
+    from esm.cache import EmbeddingCache
+    from esm.encoder import DEFAULT_ENCODER, load_encoder
+    from esm.registry import Registry
+    from finetune.build import build_registry
+    from finetune.train import load_task_model
+
+    protocol = protocol or Protocol()
+    seeds = [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"'seeds' must be distinct and non-empty; got {seeds}.")
+    results, work = Path(results), Path(work)
+    specs = resolve_tasks(tasks)
+    full_tasks = load_tasks(specs)
+    spec_of = dict(zip(full_tasks, specs, strict=True))
+    task_ids = list(full_tasks)
+    if encoder and Path(encoder).is_dir():
+        encoder = str(Path(encoder).resolve())  # rows name it; the table reloads it by name
+    base = load_encoder(encoder or DEFAULT_ENCODER)
+    record = protocol.record(base)
+    key = Protocol.key_of(record)
+    targets = {t: task.subsample(max_train=protocol.target_max_train,
+                                 max_test=protocol.target_max_test, seed=protocol.data_seed)
+               for t, task in full_tasks.items()}
+    data_hash = {t: task.data_hash() for t, task in targets.items()}
+
+    mine = shard_groups(groups(task_ids, seeds), shard)
+    all_cells = [c for g in mine for c in cells_of(g, task_ids)]
+    done = done_cells(read_rows(results), key)
+    todo = [c for c in all_cells if c not in done]
+    logger.info("Protocol %s, shard %d/%d: %d cells, %d done, %d to run.", key, *shard,
+                len(all_cells), len(all_cells) - len(todo), len(todo))
+    _end_with_newline(results)
+    cache = EmbeddingCache(work / "cache")
+    t_start = time.perf_counter()
+    ran = 0
+    bar = tqdm(total=len(all_cells), initial=len(all_cells) - len(todo), desc="cells",
+               unit="cell", disable=not progress)
+    try:
+        for seed, src in mine:
+            cells = [c for c in cells_of((seed, src), task_ids) if c not in done]
+            if not cells:
+                continue
+            source_id = None
+            if src is None:
+                start = base
+            else:
+                reg = Registry(registry_dir(work, key, seed), create=True)
+                report = build_registry(
+                    reg, [full_tasks[src]], encoder=base, cache=cache, progress=progress,
+                    settings=protocol.build_settings(seed, base.num_layers))
+                if report.failed:
+                    raise RuntimeError(f"Building source {src!r} (seed {seed}) failed: "
+                                       f"{report.failed}")
+                entry = source_entry(reg, src, base)
+                source_id = entry.id
+                start = load_task_model(reg.model_dir(entry.id), name=base.name).encoder
+                reg.close()
+            for _, _, tgt in cells:
+                bar.set_postfix_str(f"s{seed} {src or '(none)'} -> {tgt}")
+                metrics = run_cell(start, targets[tgt], seed=seed, protocol=protocol)
+                row = {
+                    "format": ROW_FORMAT, "protocol_key": key, "protocol": record,
+                    "seed": seed, "source": src, "target": tgt,
+                    "source_spec": spec_of[src] if src else None, "target_spec": spec_of[tgt],
+                    "source_esm_id": source_id, "target_data": data_hash[tgt],
+                    "n_train": len(targets[tgt].train), "n_test": len(targets[tgt].test),
+                    **metrics,
+                    "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "host": platform.node(),
+                }
+                append_line(results, json.dumps(row, sort_keys=True))
+                ran += 1
+                bar.update(1)
+    finally:
+        bar.close()
+        cache.close()
+    return {"protocol_key": key, "shard": f"{shard[0]}/{shard[1]}", "cells": len(all_cells),
+            "already_done": len(all_cells) - len(todo), "ran": ran,
+            "seconds": round(time.perf_counter() - t_start, 1), "results": str(results)}
+
+
+def status(*, tasks: str | list[str] = "all", seeds: list[int] = (0, 1),
+           results: str | Path = RESULTS_FILE) -> dict[str, Any]:
+    """Rows per protocol key and, per key, how many of the expected cells are done."""
+    rows = read_rows(results)
+    task_ids = [t.split(":", 1)[1] if t.startswith("builtin:") else Path(t).stem
+                for t in resolve_tasks(tasks)]
+    expected = [c for g in groups(task_ids, list(seeds)) for c in cells_of(g, task_ids)]
+    out = {}
+    for key in sorted({r["protocol_key"] for r in rows}):
+        done = done_cells(rows, key)
+        out[key] = {"rows": sum(r["protocol_key"] == key for r in rows),
+                    "expected_done": sum(c in done for c in expected),
+                    "expected": len(expected)}
+    return out
+
+
+# -- CLI --------------------------------------------------------------------------------
+def _add_protocol_options(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(Protocol):
+        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="Run the cells of this shard that are not done yet.")
+    p_status = sub.add_parser("status", help="Count finished cells per protocol key.")
+    for p in (p_run, p_status):
+        p.add_argument("--tasks", default="all",
+                       help="Comma-separated built-in ids, builtin:all, or task files.")
+        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                       help="Training seeds (default: 0 1).")
+        p.add_argument("--results", default=str(RESULTS_FILE),
+                       help="The append-only JSON-lines file of finished cells.")
+    p_run.add_argument("--shard", type=parse_shard, default=(0, 1),
+                       help="I/N: run the I-th of N deterministic parts (0-based).")
+    p_run.add_argument("--work", default=str(WORK_DIR),
+                       help="Per-seed source registries (kept models) and the embedding cache.")
+    p_run.add_argument("--encoder", default=None,
+                       help="Encoder package, folder or Hub id (default: all-MiniLM-L6-v2).")
+    p_run.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's). On a machine shared with "
+                            "other jobs use 1: oversubscribed threads spin and run far slower.")
+    p_run.add_argument("--quiet", action="store_true", help="No progress bars.")
+    _add_protocol_options(p_run)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "status":
+        print(json.dumps(status(tasks=args.tasks, seeds=args.seeds, results=args.results),
+                         indent=2))
+        return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    protocol = Protocol(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Protocol)})
+    summary = run(tasks=args.tasks, seeds=args.seeds, shard=args.shard, work=args.work,
+                  results=args.results, encoder=args.encoder, protocol=protocol,
+                  progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Smoke run of the transfer-matrix benchmark on a tiny model, and its metrics.
+
+The benchmarks are scripts outside the package; they are imported from their
+paths. The full ground-truth run is not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import WORDS, make_texts
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tm = _load("transfer_matrix")
+sq = _load("selection_quality")
+
+
+# -- metrics against hand-computed values --------------------------------------------------
+PERF = {"a": 0.80, "b": 0.70, "c": 0.90}
+
+
+def test_regret_at_k_hand_values():
+    order = ["b", "a", "c"]
+    assert sq.regret_at_k(PERF, order, 1, baseline=0.85) == pytest.approx(100 * 0.2 / 0.9)
+    assert sq.regret_at_k(PERF, order, 2, baseline=0.85) == pytest.approx(100 * 0.1 / 0.9)
+    assert sq.regret_at_k(PERF, order, 3, baseline=0.85) == 0.0
+    # No intermediate step beats every source: even the best source is charged for it.
+    assert sq.regret_at_k(PERF, ["c"], 1, baseline=1.0) == pytest.approx(10.0)
+    assert sq.regret_at_k(PERF, ["c"], 1) == 0.0
+    # k beyond the list, and unknown names in the order, are harmless.
+    assert sq.regret_at_k(PERF, ["zz", "a"], 5) == pytest.approx(100 * 0.1 / 0.9)
+    with pytest.raises(ValueError, match="k >= 1"):
+        sq.regret_at_k(PERF, order, 0)
+
+
+def test_ndcg_matches_the_formula():
+    def dcg(rels):
+        return sum(r / math.log2(i + 2) for i, r in enumerate(rels))
+
+    rel = {"a": 0.1, "b": 0.0, "c": 0.2}  # perf - min(perf)
+    order = ["b", "a", "c"]
+    expected = dcg([rel[s] for s in order]) / dcg(sorted(rel.values(), reverse=True))
+    assert sq.ndcg_at_k(PERF, order, 5) == pytest.approx(expected)
+    assert sq.ndcg_at_k(PERF, ["c", "a", "b"], 5) == pytest.approx(1.0)
+    assert sq.ndcg_at_k(PERF, order, 1) == pytest.approx(0.0)
+    assert sq.ndcg_at_k({"a": 0.5, "b": 0.5}, ["b", "a"], 5) == 1.0
+
+
+def test_spearman_with_gains():
+    assert sq.spearman_gain(PERF, ["c", "a", "b"], 0.85) == pytest.approx(1.0)
+    assert sq.spearman_gain(PERF, ["b", "a", "c"], 0.85) == pytest.approx(-1.0)
+    # ranks of the order 3,2,1 vs. ranks of the gains 2,3,1: 1 - 6*2/(3*8) = 0.5
+    assert sq.spearman_gain(PERF, ["a", "c", "b"], 0.85) == pytest.approx(0.5)
+    assert math.isnan(sq.spearman_gain({"a": 0.5, "b": 0.5}, ["a", "b"], 0.4))
+
+
+def _rows(values: dict[int, dict]) -> list[dict]:
+    rows = []
+    for seed, cells in values.items():
+        for (src, tgt), acc in cells.items():
+            rows.append({"protocol_key": "k", "protocol": {}, "seed": seed, "source": src,
+                         "target": tgt, "target_spec": tgt, "accuracy": acc})
+    return rows
+
+
+def test_ground_truth_noise_and_oracle():
+    rows = _rows({0: {("a", "T"): 0.8, ("b", "T"): 0.7, (None, "T"): 0.5},
+                  1: {("a", "T"): 0.6, ("b", "T"): 0.9, (None, "T"): 0.5}})
+    gt = sq.load_ground_truth(rows)
+    assert gt.targets() == ["T"]
+    assert gt.mean_perf("T") == pytest.approx({"a": 0.7, "b": 0.8})
+    assert gt.cell_std() == pytest.approx((np.std([.8, .6], ddof=1) * 2 + 0) / 3)
+    # seed 0 picks a, worth .6 of a best .9 on seed 1; seed 1 picks b, .7 of .8 on seed 0
+    oracle = gt.split_seed_oracle()
+    assert oracle["regret@1"] == pytest.approx((100 * 0.3 / 0.9 + 100 * 0.1 / 0.8) / 2)
+    assert oracle["regret@3"] == pytest.approx(0.0)
+    g = gt.gains()
+    assert g[gt.tasks.index("b"), gt.tasks.index("T")] == pytest.approx(0.3)
+    assert np.isnan(g[gt.tasks.index("T"), gt.tasks.index("T")])
+    with pytest.raises(ValueError, match="several protocols"):
+        sq.load_ground_truth(rows + [{**rows[0], "protocol_key": "other"}])
+
+
+# -- tiny-model smoke run ----------------------------------------------------------------------
+PROTOCOL = dict(source_max_examples=30, source_max_eval=10, target_max_train=24,
+                target_max_test=16, epochs=1, batch_size=8, lr=1e-3, exit_layer=1)
+
+
+def _write_tasks(folder: Path) -> list[str]:
+    """Three small CSV tasks: two-word-pool sentiment (two samples) and a 3-class topic."""
+    paths = []
+    for i in range(2):
+        texts, labels = make_texts(60, seed=10 + i)
+        path = folder / f"toy{i}.csv"
+        pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
+        paths.append(str(path))
+    rng = np.random.default_rng(7)
+    pools = {"sport": ["ball", "game", "team", "score", "win"],
+             "politics": ["vote", "party", "law", "tax"], "spam": ["free", "prize", "call", "now"]}
+    texts, labels = [], []
+    for j in range(60):
+        lab = list(pools)[j % 3]
+        words = list(rng.choice(pools[lab], 2)) + list(rng.choice(WORDS[12:22], 3))
+        texts.append(" ".join(words) + f" {j}")
+        labels.append(lab)
+    path = folder / "topics.csv"
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
+    paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy machine more threads spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, tiny_model_dir, one_thread):
+    root = tmp_path_factory.mktemp("matrix")
+    tasks = _write_tasks(root)
+    common = dict(tasks=tasks, seeds=[0, 1], work=root / "work", encoder=str(tiny_model_dir),
+                  protocol=tm.Protocol(**PROTOCOL), progress=False)
+    first = tm.run(results=root / "matrix.jsonl", **common)
+    return {"root": root, "common": common, "first": first,
+            "rows": tm.read_rows(root / "matrix.jsonl")}
+
+
+def test_run_writes_every_cell_and_baseline_once(smoke):
+    rows = smoke["rows"]
+    assert smoke["first"]["ran"] == smoke["first"]["cells"] == 18  # 2 seeds x (6 + 3)
+    cells = [tm.cell_key(r) for r in rows]
+    assert len(set(cells)) == len(cells) == 18
+    tasks = ["toy0", "toy1", "topics"]
+    expected = {(s, src, t) for s in (0, 1) for src in [None, *tasks] for t in tasks
+                if src != t}
+    assert set(cells) == expected
+    row = rows[0]
+    assert {"accuracy", "macro_f1", "seconds", "finished_at", "protocol"} <= set(row)
+    assert row["protocol"]["target_max_train"] == 24 and row["n_train"] == 24
+    assert row["protocol_key"] == smoke["first"]["protocol_key"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    # the per-seed registries kept the source models and fitted early-exit ESMs
+    from esm.registry import Registry
+
+    reg = Registry(tm.registry_dir(smoke["common"]["work"], row["protocol_key"], 0))
+    entries = reg.entries()
+    assert len(entries) == 6 and sum(e.has_model for e in entries) == 3
+    assert {e.layer for e in entries} == {None, 1}
+    reg.close()
+
+
+def test_rerun_adds_nothing_and_torn_line_is_redone(smoke, caplog, one_thread):
+    path = smoke["root"] / "matrix.jsonl"
+    again = tm.run(results=path, **smoke["common"])
+    assert again["ran"] == 0 and len(tm.read_rows(path)) == 18
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # killed mid-write
+    with caplog.at_level(logging.WARNING, logger="transfer_matrix"):
+        assert len(tm.read_rows(path)) == 17
+    assert "torn" in caplog.text
+    redo = tm.run(results=path, **smoke["common"])
+    assert redo["ran"] == 1
+    rows = tm.read_rows(path)
+    assert sorted(map(tm.cell_key, rows), key=str) == sorted(
+        map(tm.cell_key, smoke["rows"]), key=str)
+
+
+def test_shards_cover_every_cell_exactly_once(smoke, one_thread):
+    path = smoke["root"] / "sharded.jsonl"
+    a = tm.run(results=path, shard=(0, 2), **smoke["common"])
+    n_first = len(tm.read_rows(path))
+    b = tm.run(results=path, shard=(1, 2), **smoke["common"])
+    rows = tm.read_rows(path)
+    assert a["ran"] == n_first and a["ran"] + b["ran"] == 18 and 0 < a["ran"] < 18
+    cells = [tm.cell_key(r) for r in rows]
+    assert len(cells) == len(set(cells)) == 18
+    assert set(cells) == {tm.cell_key(r) for r in smoke["rows"]}
+    with pytest.raises(SystemExit):
+        tm.main(["run", "--shard", "2/2"])
+
+
+def test_quality_table_from_the_smoke_matrix(smoke, one_thread):
+    out = smoke["root"] / "out"
+    summary = sq.regenerate(results=smoke["root"] / "matrix.jsonl", out=out,
+                            work=smoke["common"]["work"], recompute=True, repeats=1,
+                            approx_rank=8, lowrank=4, progress=False)
+    for name in ("selection_quality.json", "selection_quality.md",
+                 "selection_quality_scores.json", "transfer_matrix_gains.png",
+                 "selection_quality_regret.png"):
+        assert (out / name).is_file(), name
+    methods = summary["methods"]
+    assert {"esm-logme", "esm-logme approx-8", "esm-logme lowrank-4", "esm-logme fp16",
+            "esm-logme exit-L1", "esm-logme seed-1 ESMs", "knn", "source-logme",
+            "logme (base)", "textemb", "vocab", "random"} == set(methods)
+    for name, q in methods.items():
+        for k in ("regret@1", "regret@3", "regret@5", "ndcg@5"):
+            assert np.isfinite(q[k]["mean"]), (name, k)
+            assert 0.0 <= q[k]["mean"] <= 100.0
+        assert q["ms_per_source"] >= 0
+    # fp16 storage halves the weights; the kept model is far larger than an ESM
+    assert methods["esm-logme fp16"]["bytes_per_source"] < \
+        methods["esm-logme"]["bytes_per_source"]
+    assert methods["source-logme"]["bytes_per_source"] > \
+        10 * methods["esm-logme"]["bytes_per_source"]
+    assert np.isfinite(summary["noise"]["cell_std"])
+    assert "| esm-logme |" in (out / "selection_quality.md").read_text()
+    # Regenerating from the cached scores needs no work folder and gives the same table.
+    again = sq.regenerate(results=smoke["root"] / "matrix.jsonl", out=out,
+                          work=smoke["root"] / "nowhere", progress=False)
+    assert json.dumps(again["methods"], sort_keys=True, default=float) == json.dumps(
+        summary["methods"], sort_keys=True, default=float)
