@@ -26,7 +26,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from finetune.forgetting import (
     weight_drift,
 )
 from finetune.lr import layer_groups, resolve_distribution
+from finetune.stabilize import StabilizerSettings
 from finetune.train import (
     PRIMARY_METRIC,
     FinetuneSettings,
@@ -353,7 +354,10 @@ class TransferReport:
                f"- Encoder: `{self.settings['encoder']}`; seeds: "
                f"{self.settings['transfer']['seeds']}; fine-tuning: "
                f"{self.settings['transfer']['finetune']['epochs']} epochs, batch "
-               f"{self.settings['transfer']['finetune']['batch_size']}.", ""]
+               f"{self.settings['transfer']['finetune']['batch_size']}"
+               + (f"; stabiliser: {self.settings['stabilizer']['kind']} "
+                  f"({self.settings['stabilizer']['members']} members)"
+                  if self.settings.get("stabilizer") else "") + ".", ""]
         if src.get("ranking"):
             out += ["Ranking (top 5): " + ", ".join(
                 f"{r['task_id']} ({r['score']:.3f})" for r in src["ranking"]), ""]
@@ -420,9 +424,30 @@ def plot_report(report: TransferReport, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
-    dists = list(report.distributions)
-    colors = {d: plt.cm.tab10(i % 10) for i, d in enumerate(dists)}
+    paths: list[Path] = []
+    colors = {d: plt.cm.tab10(i % 10) for i, d in enumerate(report.distributions)}
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
+    def stages():
+        """(distribution, stage, line style, label, that distribution's runs)."""
+        for d in report.distributions:
+            runs = [r for r in report.runs if r["distribution"] == d]
+            for stage, style in (("transfer", "-"), ("baseline", ":")):
+                yield d, stage, style, f"{d} ({stage})", runs
+
+    def per_layer(ax, key: str, title: str) -> None:
+        for d, stage, style, label, runs in stages():
+            values = [r[key][stage] for r in runs]
+            names = list(values[0])
+            ax.plot(names, [np.mean([v[n] for v in values]) for n in names], style,
+                    marker="o", color=colors[d], label=label)
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=45)
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for d, lrs in report.distributions.items():
@@ -432,59 +457,36 @@ def plot_report(report: TransferReport, out: Path) -> list[Path]:
     ax.set_title("Learning rate per layer group (bottom → top)")
     ax.tick_params(axis="x", rotation=45)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "lr.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "lr.png")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for d in dists:
-        runs = [r for r in report.runs if r["distribution"] == d]
-        for stage, style in (("transfer", "-"), ("baseline", ":")):
-            drift = [r["drift"][stage] for r in runs]
-            cka = [r["cka"][stage] for r in runs]
-            names = list(drift[0])
-            ax1.plot(names, [np.mean([x[n] for x in drift]) for n in names], style,
-                     marker="o", color=colors[d], label=f"{d} ({stage})")
-            names = list(cka[0])
-            ax2.plot(names, [np.mean([x[n] for x in cka]) for n in names], style,
-                     marker="o", color=colors[d], label=f"{d} ({stage})")
-    ax1.set_title("Relative weight drift ‖θ−θ₀‖/‖θ₀‖")
-    ax2.set_title("Linear CKA with the pre-trained encoder")
-    for ax in (ax1, ax2):
-        ax.tick_params(axis="x", rotation=45)
+    per_layer(ax1, "drift", "Relative weight drift ‖θ−θ₀‖/‖θ₀‖")
+    per_layer(ax2, "cka", "Linear CKA with the pre-trained encoder")
     ax1.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "drift.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "drift.png")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for d in dists:
-        runs = [r for r in report.runs if r["distribution"] == d]
-        for stage, style in (("transfer", "-"), ("baseline", ":")):
-            losses = [r["curves"][f"{stage}_loss"] for r in runs]
-            n = min(len(x) for x in losses)
-            mean = np.mean([x[:n] for x in losses], axis=0)
-            window = max(1, n // 20)
-            smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
-            ax1.plot(np.arange(len(smooth)) + window, smooth, style, color=colors[d],
-                     label=f"{d} ({stage})")
-            accs = [r["curves"][f"{stage}_epoch_metric"] for r in runs]
-            ax2.plot(np.arange(1, len(accs[0]) + 1), np.mean(accs, axis=0), style,
-                     marker="o", color=colors[d], label=f"{d} ({stage})")
+    for d, stage, style, label, runs in stages():
+        losses = [r["curves"][f"{stage}_loss"] for r in runs]
+        n = min(len(x) for x in losses)
+        mean = np.mean([x[:n] for x in losses], axis=0)
+        window = max(1, n // 20)
+        smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
+        ax1.plot(np.arange(len(smooth)) + window, smooth, style, color=colors[d], label=label)
+        accs = [r["curves"][f"{stage}_epoch_metric"] for r in runs]
+        if not accs[0]:  # stabilised runs have no single-model curve
+            continue
+        ax2.plot(np.arange(1, len(accs[0]) + 1), np.mean(accs, axis=0), style, marker="o",
+                 color=colors[d], label=label)
     ax1.set_xlabel("step")
     ax1.set_title("Training loss (mean over seeds)")
     ax2.set_xlabel("epoch")
     ax2.set_title(f"Target {report.primary_metric} (test sample)")
     ax1.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "curves.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for d in dists:
+    for d in report.distributions:
         runs = [r for r in report.runs if r["distribution"] == d]
         ax.scatter([r["retention_ratio"] for r in runs], [r["gain"] for r in runs],
                    color=colors[d], label=d)
@@ -493,17 +495,11 @@ def plot_report(report: TransferReport, out: Path) -> list[Path]:
     ax.set_ylabel(f"target gain ({report.primary_metric})")
     ax.set_title("Source retention vs. target gain (one point per seed)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "retention_gain.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "retention_gain.png")
     return paths
 
 
 # -- the pipeline -----------------------------------------------------------------------
-TargetTrainer = Callable[..., Any]
-
-
 class TransferRun:
     """One transfer run's state on disk (``out``) and its stages.
 
@@ -513,13 +509,14 @@ class TransferRun:
 
     def __init__(self, out: Path, *, target: Task, source: SourceChoice, encoder: Encoder,
                  settings: TransferSettings, distributions: Sequence[str],
-                 progress: bool = True) -> None:
+                 stabilizer: StabilizerSettings | None = None, progress: bool = True) -> None:
         self.out = out
         self.target = target
         self.source = source
         self.encoder = encoder
         self.settings = settings
         self.specs = list(distributions)
+        self.stabilizer = stabilizer if stabilizer and stabilizer.kind != "none" else None
         self.progress = progress
         self.metric = PRIMARY_METRIC[target.label_kind]
         self.source_metric = PRIMARY_METRIC[source.task.label_kind]
@@ -585,29 +582,47 @@ class TransferRun:
                                       label_kind=task.label_kind)}
 
     def target_stage(self, seed: int, spec: str, start: Encoder, name: str,
-                     source_head: torch.nn.Linear | None,
-                     train_target: TargetTrainer | None = None) -> dict[str, Any]:
-        """Fine-tune ``start`` on the target under ``spec``; measure; write the stage."""
+                     source_head: torch.nn.Linear | None) -> dict[str, Any]:
+        """Fine-tune ``start`` on the target under ``spec``; measure; write the stage.
+
+        With a stabiliser the target metrics are the stabilised prediction's (e.g. the
+        ensemble vote) and forgetting/drift are measured on its main model.
+        """
         path = self.stage_file(seed, f"{_slug(spec)}-{name}")
         done = _read_json(path)
         if done is not None:
             return done
         ft = self._ft(seed)
         model = _fresh_model(start, self.target.num_labels, ft)
-        train = train_target or finetune
-        result = train(model, self.target.train, label_kind=self.target.label_kind,
-                       settings=ft, progress=self.progress, lr_distribution=spec,
-                       desc=f"{name} {_slug(spec)} s{seed}",
-                       checkpoint_dir=self.checkpoint(seed, f"{_slug(spec)}-{name}"),
-                       checkpoint_every=self.settings.checkpoint_every,
-                       on_epoch_end=self._curve)
-        record: dict[str, Any] = {
-            "metrics": evaluate(model, self.target, self.target.test),
-            "seconds": result.seconds, "losses": result.losses,
-            "epoch_metric": [m[self.metric] for m in result.epoch_metrics],
+        desc = f"{name} {_slug(spec)} s{seed}"
+        record: dict[str, Any]
+        if self.stabilizer is None:
+            result = finetune(model, self.target.train, label_kind=self.target.label_kind,
+                              settings=ft, progress=self.progress, lr_distribution=spec,
+                              desc=desc,
+                              checkpoint_dir=self.checkpoint(seed, f"{_slug(spec)}-{name}"),
+                              checkpoint_every=self.settings.checkpoint_every,
+                              on_epoch_end=self._curve)
+            record = {"metrics": evaluate(model, self.target, self.target.test),
+                      "seconds": result.seconds, "losses": result.losses,
+                      "epoch_metric": [m[self.metric] for m in result.epoch_metrics],
+                      "model_steps": result.steps}
+        else:
+            from finetune.stabilize import train_stabilized
+
+            stable = train_stabilized(model, self.target.train,
+                                      label_kind=self.target.label_kind, settings=ft,
+                                      stabilizer=self.stabilizer, lr_distribution=spec,
+                                      progress=self.progress, desc=desc)
+            model = stable.model
+            record = {"metrics": stable.evaluate(self.target, self.target.test),
+                      "seconds": stable.seconds, "losses": stable.losses,
+                      "epoch_metric": [], "model_steps": stable.model_steps,
+                      "stabilizer": stable.to_dict()}
+        record.update({
             "drift": weight_drift(self.encoder.model, model),
             "cka": layer_cka(self.encoder, model.encoder, self.cka_texts),
-        }
+        })
         if source_head is not None:
             src = self.source.task
             record["source_after"] = evaluate(_with_head(model.encoder, source_head), src,
@@ -639,6 +654,8 @@ class TransferRun:
                        "baseline_epoch_metric": base["epoch_metric"]},
             "seconds": {"source": source["seconds"], "target": tr["seconds"],
                         "baseline": base["seconds"]},
+            "model_steps": {"target": tr.get("model_steps"),
+                            "baseline": base.get("model_steps")},
         }
 
 
@@ -671,7 +688,7 @@ def transfer(
     progress: bool = True,
     plots: bool = True,
     task_options: dict[str, Any] | None = None,
-    train_target: TargetTrainer | None = None,
+    stabilizer: StabilizerSettings | None = None,
 ) -> TransferReport:
     """Run the whole transfer for ``target`` and write the report to ``out``.
 
@@ -688,8 +705,8 @@ def transfer(
     out : folder for ``report.json``, ``report.md``, plots, stage results and checkpoints.
         Running again with the same arguments resumes; other arguments are refused
         unless ``overwrite``.
-    train_target : the target-stage trainer (default :func:`finetune.train.finetune`);
-        stabilisers plug in here.
+    stabilizer : ``ensemble``, ``swa`` or ``deni`` (:mod:`finetune.stabilize`) for both
+        target stages (with and without the intermediate step); default none.
     """
     t0 = time.perf_counter()
     settings = settings or TransferSettings()
@@ -730,10 +747,13 @@ def transfer(
               "settings": {**settings.to_dict(), "seeds": None, "first_seed": None,
                            "keep_checkpoints": None},
               "search": dataclasses.asdict(search) if search and SEARCH_SPEC in specs else None}
+    if stabilizer is not None and stabilizer.kind != "none":
+        config["stabilizer"] = stabilizer.to_dict()
     _check_run_config(out, config, overwrite=overwrite)
 
     run = TransferRun(out, target=target_task, source=choice, encoder=encoder,
-                      settings=settings, distributions=specs, progress=progress)
+                      settings=settings, distributions=specs, stabilizer=stabilizer,
+                      progress=progress)
     timings: dict[str, float] = {"setup": time.perf_counter() - t0}
     if SEARCH_SPEC in specs:
         t1 = time.perf_counter()
@@ -756,10 +776,9 @@ def transfer(
         bar.update(1)
         for spec in specs:
             tr = run.target_stage(seed, spec, src_model.encoder if src_model else encoder,
-                                  "transfer", src_model.head if src_model else None,
-                                  train_target)
+                                  "transfer", src_model.head if src_model else None)
             bar.update(1)
-            base = run.target_stage(seed, spec, encoder, "baseline", None, train_target)
+            base = run.target_stage(seed, spec, encoder, "baseline", None)
             bar.update(1)
             rows.append(run.combine(seed, spec, src_record, tr, base))
         if not settings.keep_checkpoints:
@@ -779,7 +798,8 @@ def transfer(
         settings={"encoder": encoder.name, "encoder_identity": dataclasses.asdict(
             encoder.identity), "registry": str(reg.path), "method": method,
             "transfer": settings.to_dict(),
-            "search": dataclasses.asdict(search) if search else None},
+            "search": dataclasses.asdict(search) if search else None,
+            "stabilizer": run.stabilizer.to_dict() if run.stabilizer else None},
         distributions=distributions, runs=rows, primary_metric=run.metric,
         probe_base=float(probe_base), timings={k: round(v, 2) for k, v in timings.items()})
     report.save(out, plots=plots)

@@ -13,11 +13,17 @@ from esm.hfselect import import_hfselect, read_hfselect_esm
 from esm.model import EmbeddingSpaceMap, ESMConfig, ESMFitSettings, fit_esm
 from esm.registry import Registry, RegistryError, default_registry_path, open_registry
 from finetune.build import BuildReport, BuildSettings, build_registry
+from finetune.kernel import (
+    KernelReport,
+    KernelSettings,
+    compute_kernel,
+    kernel_vs_finetune,
+)
 from finetune.train import FinetuneSettings, TaskModel, TrainingError, evaluate, finetune
 from finetune.transfer import LRSearchSettings, TransferReport, TransferSettings, transfer
 from selection.logme import LogME, logme_score
 from selection.ranking import Ranking, rank
-from selection.scorers import METHODS, get_scorer
+from selection.scorers import METHODS, available_methods, get_scorer, register_scorer
 
 __all__ = [
     "__version__", "build_registry", "BuildReport", "BuildSettings", "builtin_ids",
@@ -27,5 +33,6 @@ __all__ = [
     "load_builtin", "load_encoder", "load_file", "load_task", "LogME", "logme_score", "make_task",
     "METHODS", "open_registry", "rank", "Ranking", "read_hfselect_esm", "Registry",
     "RegistryError", "Split", "Task", "TaskModel", "TrainingError", "transfer",
-    "TransferReport", "TransferSettings", "LRSearchSettings",
+    "TransferReport", "TransferSettings", "LRSearchSettings", "available_methods",
+    "compute_kernel", "KernelReport", "KernelSettings", "kernel_vs_finetune", "register_scorer",
 ]

@@ -97,17 +97,23 @@ def cmd_registry_build(args: argparse.Namespace) -> int:
     from esm.cache import EmbeddingCache
     from esm.model import ESMFitSettings
     from finetune.build import BuildSettings, build_registry
+    from finetune.executor import ExecutorSettings, ExecutorUnavailableError
     from finetune.train import FinetuneSettings
 
     settings = config_from_args(
         BuildSettings, args, exit_layers=tuple(args.exit_layers or ()),
         finetune=config_from_args(FinetuneSettings, args, prefix="ft_"),
         esm_fit=config_from_args(ESMFitSettings, args, prefix="esm_"))
+    executor = config_from_args(ExecutorSettings, args)
     encoder = _encoder_from_args(args)
     cache = None if args.no_cache else EmbeddingCache(args.cache_dir)
-    report = build_registry(args.registry, args.sources, encoder=encoder, settings=settings,
-                            cache=cache, progress=not args.quiet,
-                            task_options=_task_options(args))
+    try:
+        report = build_registry(args.registry, args.sources, encoder=encoder,
+                                settings=settings, cache=cache, progress=not args.quiet,
+                                task_options=_task_options(args), executor=executor)
+    except ExecutorUnavailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -229,17 +235,19 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
+    from finetune.stabilize import StabilizerSettings
     from finetune.train import FinetuneSettings
     from finetune.transfer import LRSearchSettings, TransferSettings, transfer
 
     settings = config_from_args(TransferSettings, args,
                                 finetune=config_from_args(FinetuneSettings, args, prefix="ft_"))
     search = config_from_args(LRSearchSettings, args, prefix="search_")
+    stabilizer = config_from_args(StabilizerSettings, args, prefix="stab_", kind=args.stabilizer)
     report = transfer(
         args.target, args.source, registry=args.registry, encoder=args.encoder,
         lr_distributions=args.lr_distribution, settings=settings, search=search, out=args.out,
         method=args.method, overwrite=args.overwrite, progress=not args.quiet and not args.json,
-        plots=not args.no_plots, task_options=_task_options(args))
+        plots=not args.no_plots, task_options=_task_options(args), stabilizer=stabilizer)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -247,6 +255,43 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         print(f"\nReport: {args.out}/report.md (and report.json"
               + (", lr.png, drift.png, curves.png, retention_gain.png" if not args.no_plots
                  else "") + ")")
+    return 0
+
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    from esm.data import load_task
+    from finetune.kernel import (
+        FewShotFinetuneSettings,
+        KernelError,
+        KernelSettings,
+        kernel_vs_finetune,
+        source_encoder,
+    )
+    from finetune.train import FinetuneSettings
+
+    try:
+        settings = config_from_args(KernelSettings, args)
+        ft = config_from_args(FewShotFinetuneSettings, args, prefix="ft_")
+        task = load_task(args.target, **_task_options(args))
+        encoder = _encoder_from_args(args)
+        progress = not args.quiet and not args.json
+        if args.source:
+            encoder = source_encoder(
+                args.source, encoder, registry=args.registry,
+                max_examples=args.source_max_examples,
+                settings=config_from_args(FinetuneSettings, args, prefix="src_"),
+                progress=progress)
+        report = kernel_vs_finetune(task, encoder, shots=args.shots, seed=args.seed,
+                                    settings=settings, finetune_settings=ft,
+                                    max_eval=args.max_eval, run_finetune=not args.no_finetune,
+                                    source=args.source, progress=progress)
+    except KernelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report)
     return 0
 
 
@@ -278,6 +323,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from esm.model import ESMFitSettings
     from finetune.build import BuildSettings
+    from finetune.executor import ExecutorSettings
     from finetune.train import FinetuneSettings
 
     parser = argparse.ArgumentParser(
@@ -290,13 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Machine-readable output.")
     p.set_defaults(func=cmd_tasks)
 
+    import finetune.kernel  # noqa: F401  (registers the 'kernel' rank method)
     from selection.ranking import DEFAULT_MAX_TARGET
-    from selection.scorers import METHODS
+    from selection.scorers import available_methods
 
     p = sub.add_parser("rank", help="Rank a registry's sources for a target dataset.")
     p.add_argument("target", help="builtin:ID, a local file, or a Hub dataset name.")
     p.add_argument("--registry", default=None, help="Registry folder (default: shipped).")
-    p.add_argument("--method", choices=METHODS, default="esm-logme", help="Scoring method.")
+    p.add_argument("--method", choices=available_methods(), default="esm-logme",
+                   help="Scoring method ('kernel': eNTK accuracy per kept source model; slow).")
     p.add_argument("--top", type=int, default=None, help="Show the best K sources only.")
     p.add_argument("--prefilter", type=int, default=None,
                    help="Rerank only the K nearest sources in the FAISS task index.")
@@ -322,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=cmd_rank)
 
+    from finetune.stabilize import STABILIZERS, StabilizerSettings
     from finetune.transfer import LRSearchSettings, TransferSettings
 
     p = sub.add_parser(
@@ -331,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' (top of rank), an ESM or task id in the registry, or a task "
                         "spec (default: auto).")
     p.add_argument("--registry", default=None, help="Registry folder (default: shipped).")
-    p.add_argument("--method", choices=METHODS, default="esm-logme",
+    p.add_argument("--method", choices=available_methods(), default="esm-logme",
                    help="Ranking method for --source auto.")
     p.add_argument("--lr-distribution", nargs="+", default=None,
                    help="One or more: flat:LR, llrd:LR,DECAY, kenneweg[:BASE], a JSON file, or "
@@ -346,11 +395,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, TransferSettings)
     add_config_args(p, FinetuneSettings, prefix="ft_", skip=("seed",))
     add_config_args(p, LRSearchSettings, prefix="search_")
+    p.add_argument("--stabilizer", choices=STABILIZERS, default="none",
+                   help="Stabilise both target fine-tunings: ensemble (M seeds, vote), swa, or "
+                        "deni (Pecher et al. 2024); options as --stab-* (default: none).")
+    add_config_args(p, StabilizerSettings, prefix="stab_", skip=("kind",))
     _add_data_args(p)
     p.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
     p.add_argument("--json", action="store_true", help="Print the report as JSON.")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=cmd_transfer)
+
+    from finetune.kernel import FewShotFinetuneSettings, KernelSettings
+
+    p = sub.add_parser(
+        "kernel", help="eNTK (kernel) prediction of few-shot fine-tuning, beside the real thing.")
+    p.add_argument("target", help="builtin:ID, a local file, or a Hub dataset name.")
+    p.add_argument("--source", default=None,
+                   help="Take the kernel of the encoder tuned on this source: an ESM id with a "
+                        "kept model in --registry, or a built-in task id (fine-tuned here).")
+    p.add_argument("--registry", default=None, help="Registry folder (default: shipped).")
+    p.add_argument("--source-max-examples", type=int, default=500,
+                   help="Cap on source examples when fine-tuning a built-in source (default 500).")
+    p.add_argument("--shots", type=int, default=16, help="Training examples per class (16).")
+    p.add_argument("--seed", type=int, default=0,
+                   help="Seed of the sample, the head init and fine-tuning (0).")
+    p.add_argument("--max-eval", type=int, default=500,
+                   help="Cap on target test examples (stratified; default 500).")
+    p.add_argument("--no-finetune", action="store_true",
+                   help="Only the kernel prediction; skip the actual fine-tuning.")
+    _add_encoder_args(p)
+    _add_data_args(p)
+    add_config_args(p, KernelSettings)
+    add_config_args(p, FewShotFinetuneSettings, prefix="ft_", skip=("seed",))
+    add_config_args(p, FinetuneSettings, prefix="src_", skip=("seed",))
+    p.add_argument("--json", action="store_true", help="Machine-readable output.")
+    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    p.set_defaults(func=cmd_kernel)
 
     reg = sub.add_parser("registry", help="Build and inspect ESM registries.")
     rsub = reg.add_subparsers(dest="registry_command", required=True)
@@ -373,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Also fit ESMs from these early-exit layers (one fine-tune per source).")
     add_config_args(p, FinetuneSettings, prefix="ft_")
     add_config_args(p, ESMFitSettings, prefix="esm_")
+    add_config_args(p, ExecutorSettings)
     p.add_argument("--cache-dir", default=None, help="Embedding cache folder.")
     p.add_argument("--no-cache", action="store_true", help="Do not use the embedding cache.")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")

@@ -252,3 +252,35 @@ def test_cli_transfer_json(world, tmp_path, tiny_model_dir, capsys):
                "--encoder", str(tiny_model_dir), "--out", str(tmp_path / "o2"),
                "--lr-distribution", "llrd:1e-3"])
     assert rc == 2 and "LR distribution must be" in capsys.readouterr().err
+
+
+def test_stabilised_transfer(world, tmp_path, tiny_model_dir, capsys):
+    from finetune.stabilize import StabilizerSettings
+    from stepstone.cli import main
+
+    settings = TransferSettings(**{**SETTINGS.to_dict(), "seeds": 1,
+                                   "finetune": SETTINGS.finetune})
+    report = _run(world, tmp_path / "ens", lr_distributions=SPECS[:1], settings=settings,
+                  stabilizer=StabilizerSettings(kind="ensemble", members=3))
+    run = report.runs[0]
+    assert run["model_steps"] == {"target": 3 * 6, "baseline": 3 * 6}  # 3 members x 6 steps
+    assert report.settings["stabilizer"]["kind"] == "ensemble"
+    assert "stabiliser: ensemble (3 members)" in (tmp_path / "ens" / "report.md").read_text()
+    # the stabiliser is part of the run's identity: the same folder refuses another one
+    with pytest.raises(DataError, match="stabilizer"):
+        _run(world, tmp_path / "ens", lr_distributions=SPECS[:1], settings=settings)
+
+    rc = main(["transfer", world["target"], "--source", world["sources"][0], "--registry",
+               str(world["registry"]), "--encoder", str(tiny_model_dir), "--out",
+               str(tmp_path / "deni"), "--seeds", "1", "--source-max-examples", "40",
+               "--target-max-examples", "24", "--max-eval", "16", "--probe-examples", "24",
+               "--cka-examples", "8", "--curve-examples", "8", "--ft-epochs", "4",
+               "--ft-batch-size", "8", "--lr-distribution", "flat:1e-3", "--stabilizer", "deni",
+               "--stab-members", "2", "--stab-interpolation-interval", "2", "--no-plots",
+               "--json"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    stage = json.loads((tmp_path / "deni" / "runs" / "seed0" / "flat_1e-3-transfer.json")
+                       .read_text())
+    assert stage["stabilizer"]["kind"] == "deni" and stage["stabilizer"]["members"] == 2
+    assert data["runs"][0]["model_steps"]["target"] == stage["stabilizer"]["model_steps"] > 12
