@@ -13,6 +13,7 @@ from esm.hfselect import import_hfselect, read_hfselect_esm
 from esm.model import EmbeddingSpaceMap, ESMConfig, ESMFitSettings, fit_esm
 from esm.registry import Registry, RegistryError, default_registry_path, open_registry
 from finetune.build import BuildReport, BuildSettings, build_registry
+from finetune.executor import ExecutorSettings, make_executor
 from finetune.kernel import (
     KernelReport,
     KernelSettings,
@@ -35,4 +36,5 @@ __all__ = [
     "RegistryError", "Split", "Task", "TaskModel", "TrainingError", "transfer",
     "TransferReport", "TransferSettings", "LRSearchSettings", "available_methods",
     "compute_kernel", "KernelReport", "KernelSettings", "kernel_vs_finetune", "register_scorer",
+    "ExecutorSettings", "make_executor",
 ]
