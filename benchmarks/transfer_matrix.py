@@ -299,6 +299,80 @@ def run_cell(start, target, *, seed: int, protocol: Protocol) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def _cell_job(*, seed: int, src: str | None, tgt: str, start_dir: str | None,
+              target_spec: str, target_data: str, encoder: str,
+              protocol_fields: dict[str, Any]) -> dict[str, Any]:
+    """One cell on an executor worker. Everything is reloaded by name or path (the
+    base encoder, S's kept model from the registry folder, T from its spec), so only
+    small arguments cross the wire; the driver writes the results file."""
+    from esm.data import load_task
+    from esm.encoder import load_encoder
+    from finetune.train import load_task_model
+
+    protocol = Protocol(**protocol_fields)
+    base = load_encoder(encoder)
+    start = base if start_dir is None else load_task_model(start_dir, name=base.name).encoder
+    target = load_task(target_spec).subsample(
+        max_train=protocol.target_max_train, max_test=protocol.target_max_test,
+        seed=protocol.data_seed)
+    if target.data_hash() != target_data:
+        raise RuntimeError(f"Target {tgt!r} on this worker differs from the driver's "
+                           f"(data hash {target.data_hash()[:12]} vs {target_data[:12]}); "
+                           f"install the same data packages/files on every node.")
+    return run_cell(start, target, seed=seed, protocol=protocol)
+
+
+def _run_on_executor(executor, todo, *, base, base_name, key, work, protocol, full_tasks,
+                     spec_of, data_hash, write, progress) -> tuple[int, dict[str, str]]:
+    """Run ``todo`` cells as executor jobs: source models first (a registry build on the
+    executor, written by this driver), then every cell as one job; each finished cell
+    is written as it returns. Returns (cells run, errors by cell id)."""
+    from esm.registry import Registry
+    from finetune.build import build_registry
+    from finetune.executor import Job, make_executor
+
+    if executor.executor == "ray":  # the workers need this script's code, not a module
+        from ray import cloudpickle
+
+        if __name__ != "__main__":
+            cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    start_dirs: dict[tuple[int, str], tuple[str, str]] = {}  # (model dir, ESM id)
+    for seed in sorted({c[0] for c in todo}):
+        needed = sorted({src for s, src, _ in todo if s == seed and src is not None})
+        if not needed:
+            continue
+        reg_path = registry_dir(work, key, seed)
+        report = build_registry(reg_path, [full_tasks[src] for src in needed], encoder=base,
+                                settings=protocol.build_settings(seed, base.num_layers),
+                                progress=progress, executor=executor)
+        if report.failed:
+            raise RuntimeError(f"Building sources (seed {seed}) failed: {report.failed}")
+        with Registry(reg_path) as reg:
+            for src in needed:
+                entry = source_entry(reg, src, base)
+                start_dirs[(seed, src)] = (str(reg.model_dir(entry.id)), entry.id)
+    jobs = [Job(f"s{seed}:{src or '-'}:{tgt}", {
+        "seed": seed, "src": src, "tgt": tgt,
+        "start_dir": start_dirs[(seed, src)][0] if src else None,
+        "target_spec": spec_of[tgt], "target_data": data_hash[tgt]})
+        for seed, src, tgt in todo]
+    by_id = {j.id: j for j in jobs}
+    ran, errors = 0, {}
+    shared = {"encoder": base_name, "protocol_fields": dataclasses.asdict(protocol)}
+    with make_executor(executor) as ex:
+        for res in ex.map(_cell_job, jobs, shared=shared, catch=(RuntimeError, ValueError),
+                          progress=progress, desc="cells", unit="cell"):
+            if not res.ok:
+                errors[res.id] = res.error
+                continue
+            kw = by_id[res.id].kwargs
+            src = kw["src"]
+            write(kw["seed"], src, kw["tgt"], start_dirs[(kw["seed"], src)][1] if src else None,
+                  res.value)
+            ran += 1
+    return ran, errors
+
+
 def run(
     *,
     tasks: str | list[str] = "all",
@@ -309,8 +383,14 @@ def run(
     encoder: str | None = None,
     protocol: Protocol | None = None,
     progress: bool = True,
+    executor=None,
 ) -> dict[str, Any]:
     """Run every cell of this shard that ``results`` does not hold yet.
+
+    ``executor``: a :class:`finetune.executor.ExecutorSettings`; with ``ray`` the
+    source fine-tunes and then the cells run as Ray jobs (the registry folders under
+    ``work`` must be on storage every node sees), and this process alone writes the
+    registries and ``results``. Default: one cell after another in this process.
 
     Returns a summary: protocol key, cells in the shard, cells run now, seconds.
     """
@@ -348,8 +428,32 @@ def run(
     logger.info("Protocol %s, shard %d/%d: %d cells, %d done, %d to run.", key, *shard,
                 len(all_cells), len(all_cells) - len(todo), len(todo))
     _end_with_newline(results)
-    cache = EmbeddingCache(work / "cache")
     t_start = time.perf_counter()
+
+    def write(seed: int, src: str | None, tgt: str, source_id: str | None,
+              metrics: dict[str, Any]) -> None:
+        row = {
+            "format": ROW_FORMAT, "protocol_key": key, "protocol": record,
+            "seed": seed, "source": src, "target": tgt,
+            "source_spec": spec_of[src] if src else None, "target_spec": spec_of[tgt],
+            "source_esm_id": source_id, "target_data": data_hash[tgt],
+            "n_train": len(targets[tgt].train), "n_test": len(targets[tgt].test),
+            **metrics,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "host": platform.node(),
+        }
+        append_line(results, json.dumps(row, sort_keys=True))
+
+    if executor is not None and executor.executor != "local":
+        ran, errors = _run_on_executor(
+            executor, todo, base=base, base_name=encoder or DEFAULT_ENCODER, key=key,
+            work=work, protocol=protocol, full_tasks=full_tasks, spec_of=spec_of,
+            data_hash=data_hash, write=write, progress=progress)
+        return {"protocol_key": key, "shard": f"{shard[0]}/{shard[1]}",
+                "cells": len(all_cells), "already_done": len(all_cells) - len(todo),
+                "ran": ran, "failed": errors,
+                "seconds": round(time.perf_counter() - t_start, 1), "results": str(results)}
+    cache = EmbeddingCache(work / "cache")
     ran = 0
     bar = tqdm(total=len(all_cells), initial=len(all_cells) - len(todo), desc="cells",
                unit="cell", disable=not progress)
@@ -376,17 +480,7 @@ def run(
             for _, _, tgt in cells:
                 bar.set_postfix_str(f"s{seed} {src or '(none)'} -> {tgt}")
                 metrics = run_cell(start, targets[tgt], seed=seed, protocol=protocol)
-                row = {
-                    "format": ROW_FORMAT, "protocol_key": key, "protocol": record,
-                    "seed": seed, "source": src, "target": tgt,
-                    "source_spec": spec_of[src] if src else None, "target_spec": spec_of[tgt],
-                    "source_esm_id": source_id, "target_data": data_hash[tgt],
-                    "n_train": len(targets[tgt].train), "n_test": len(targets[tgt].test),
-                    **metrics,
-                    "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "host": platform.node(),
-                }
-                append_line(results, json.dumps(row, sort_keys=True))
+                write(seed, src, tgt, source_id, metrics)
                 ran += 1
                 bar.update(1)
     finally:
@@ -443,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="torch CPU threads (default: torch's). On a machine shared with "
                             "other jobs use 1: oversubscribed threads spin and run far slower.")
     p_run.add_argument("--quiet", action="store_true", help="No progress bars.")
+    from finetune.executor import ExecutorSettings
+    from stepstone.cli import add_config_args, config_from_args
+
+    add_config_args(p_run, ExecutorSettings)  # --executor local|ray, --ray-address, ...
     _add_protocol_options(p_run)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -457,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     protocol = Protocol(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Protocol)})
     summary = run(tasks=args.tasks, seeds=args.seeds, shard=args.shard, work=args.work,
                   results=args.results, encoder=args.encoder, protocol=protocol,
-                  progress=not args.quiet)
+                  progress=not args.quiet,
+                  executor=config_from_args(ExecutorSettings, args))
     print(json.dumps(summary, indent=2))
     return 0
 

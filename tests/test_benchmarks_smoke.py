@@ -236,3 +236,24 @@ def test_quality_table_from_the_smoke_matrix(smoke, one_thread):
                           work=smoke["root"] / "nowhere", progress=False)
     assert json.dumps(again["methods"], sort_keys=True, default=float) == json.dumps(
         summary["methods"], sort_keys=True, default=float)
+
+
+def test_ray_executor_gives_the_local_matrix(smoke, one_thread):
+    """`run --executor ray`: sources and cells as Ray jobs, the same rows as locally."""
+    ray = pytest.importorskip("ray")
+    from finetune.executor import ExecutorSettings
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        path = smoke["root"] / "ray.jsonl"
+        common = {**smoke["common"], "work": smoke["root"] / "ray-work"}
+        out = tm.run(results=path, executor=ExecutorSettings(executor="ray", num_workers=2),
+                     **common)
+    finally:
+        ray.shutdown()
+    assert out["ran"] == 18 and out["failed"] == {}
+    rows = tm.read_rows(path)
+    assert len(rows) == 18
+    local = {tm.cell_key(r): (r["accuracy"], r["macro_f1"]) for r in smoke["rows"]}
+    assert {tm.cell_key(r): (r["accuracy"], r["macro_f1"]) for r in rows} == local
