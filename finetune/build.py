@@ -36,7 +36,7 @@ from esm.encoder import Encoder, EncoderMismatchError, load_encoder
 from esm.model import ARCHITECTURES, EmbeddingSpaceMap, ESMConfig, ESMFitSettings, fit_esm
 from esm.registry import STAGING_DIR, Registry, RegistryEntry
 from finetune.executor import ExecutorSettings, Job, job_device, make_executor
-from finetune.train import FinetuneSettings, TaskModel, evaluate, finetune
+from finetune.train import FinetuneSettings, TaskModel, evaluate, finetune, save_task_model
 
 logger = logging.getLogger(__name__)
 
@@ -129,20 +129,6 @@ def settings_key(encoder: Encoder, task: Task, settings: BuildSettings) -> str:
                           "data": task.data_hash(), "settings": settings.key_dict()},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _save_source_model(model: TaskModel, task: Task, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    model.encoder.model.save_pretrained(folder / "encoder")
-    model.encoder.tokenizer.save_pretrained(folder / "encoder")
-    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()},
-              str(folder / "head.safetensors"))
-    (folder / "head.json").write_text(json.dumps(
-        {"num_labels": model.head.out_features, "label_kind": task.label_kind,
-         "classes": list(task.classes), "pooling": model.encoder.pooling,
-         "max_length": model.encoder.max_length}, indent=2, sort_keys=True))
 
 
 def _read_files(folder: Path) -> dict[str, bytes]:
@@ -246,7 +232,8 @@ def fit_source(
         model_files = None
         if settings.keep_models and base_encoder is encoder:
             with tempfile.TemporaryDirectory() as tmp:
-                _save_source_model(model, task, Path(tmp))
+                save_task_model(model, tmp, label_kind=task.label_kind,
+                                classes=task.classes)
                 model_files = _read_files(Path(tmp))
         out.esms.append(FittedESM(f"{task.task_id}-{key[:8]}", key, esm.cpu(), task_vector,
                                   profile, model_files))
