@@ -44,6 +44,10 @@ variants that need no fine-tuning: low-rank ESMs fitted from the kept seed-0
 source models (``registry-lowrank``) and the linear ESMs stored in float16
 (``registry-fp16``; loaded back into float32 for scoring).
 
+The ``kernel (eNTK)`` row (issue 7) is not scored here: ``kernel_transfer.py``
+writes its per-pair scores to ``kernel_transfer.jsonl`` (minutes per target), and
+the table takes every target whose sources are all scored (``--kernel-results``).
+
     python benchmarks/selection_quality.py                # table + plots from the cache
     python benchmarks/selection_quality.py --recompute    # rescore (needs the work dir)
 """
@@ -72,14 +76,23 @@ RANDOM_SEEDS = 10
 logger = logging.getLogger("selection_quality")
 
 
+def _kernel_module():
+    """benchmarks/kernel_transfer.py (the eNTK row's pair scores)."""
+    return _script_module("kernel_transfer")
+
+
 def _matrix_module():
-    """benchmarks/transfer_matrix.py (benchmarks are scripts, not a package)."""
-    mod = sys.modules.get("transfer_matrix")
+    """benchmarks/transfer_matrix.py."""
+    return _script_module("transfer_matrix")
+
+
+def _script_module(name: str):
+    """benchmarks/NAME.py (benchmarks are scripts, not a package)."""
+    mod = sys.modules.get(name)
     if mod is None:
-        spec = importlib.util.spec_from_file_location("transfer_matrix",
-                                                      HERE / "transfer_matrix.py")
+        spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
-        sys.modules["transfer_matrix"] = mod
+        sys.modules[name] = mod
         spec.loader.exec_module(mod)
     return mod
 
@@ -367,7 +380,6 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
 
     from esm.cache import EmbeddingCache
     from esm.data import load_task
-    from esm.encoder import load_encoder
     from esm.registry import Registry
     from selection.ranking import rank
 
@@ -376,12 +388,7 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
     if not (work / "registry-s0").is_dir():
         raise FileNotFoundError(f"No {work / 'registry-s0'}: --recompute needs the runner's "
                                 "work folder (run transfer_matrix.py there first).")
-    encoder = load_encoder(proto["encoder"], pooling=proto["pooling"],
-                           max_length=proto["max_length"])
-    if encoder.identity.fingerprint != proto["encoder_fingerprint"]:
-        raise ValueError(f"Encoder {proto['encoder']!r} has fingerprint "
-                         f"{encoder.identity.fingerprint}; the matrix was made with "
-                         f"{proto['encoder_fingerprint']}.")
+    encoder = _matrix_module().protocol_encoder(proto)
     complete = {"lowrank", "fp16"}  # built below from registry-s0
     for name in ("s0", "s1"):
         folder = work / f"registry-{name}"
@@ -472,7 +479,8 @@ def evaluate(gt: GroundTruth, scores: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, m in scores["methods"].items():
         per_target = {}
-        for t in targets:
+        m_targets = [t for t in targets if t in m["per_target"]]  # kernel: maybe a subset
+        for t in m_targets:
             perf, base = gt.mean_perf(t), gt.mean_base(t)
             cached = m["per_target"][t]
             rows = []
@@ -486,20 +494,21 @@ def evaluate(gt: GroundTruth, scores: dict[str, Any]) -> dict[str, Any]:
                              if any(np.isfinite(r[k]) for r in rows) else float("nan")
                              for k in rows[0]}
             per_target[t]["top1"] = cached["orders"][0][0]
-        metric_names = [k for k in per_target[targets[0]] if k != "top1"]
+        metric_names = [k for k in per_target[m_targets[0]] if k != "top1"]
         layer = m["spec"]["layer"]
         embed = scores["embed_seconds"].get(str(layer or "full"), {})
+        no_embed = ("random", "vocab", "source-logme", "kernel")
         out[name] = {
             "note": m["spec"]["note"],
             "per_target": per_target,
-            **{k: _mean_std([per_target[t][k] for t in targets]) for k in metric_names},
+            **{k: _mean_std([per_target[t][k] for t in m_targets]) for k in metric_names},
             "ms_per_source": float(np.mean([m["per_target"][t]["ms_per_source"]
-                                            for t in targets])),
-            "embed_ms_per_target": float(1000 * np.mean([embed[t] for t in targets]))
-            if embed and m["spec"]["method"] not in ("random", "vocab", "source-logme")
+                                            for t in m_targets])),
+            "embed_ms_per_target": float(1000 * np.mean([embed[t] for t in m_targets]))
+            if embed and m["spec"]["method"] not in no_embed
             else 0.0,  # these need no base embedding of the target
             "bytes_per_source": float(np.mean([m["per_target"][t]["bytes_per_source"]
-                                               for t in targets])),
+                                               for t in m_targets])),
         }
     return out
 
@@ -609,6 +618,7 @@ def plot_regret(quality: dict[str, Any], noise: dict[str, Any], path: Path) -> P
 
 def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None = None,
                recompute: bool = False, protocol_key: str | None = None,
+               kernel_results: str | Path | None = None,
                metric: str = "accuracy", approx_rank: int = 64, lowrank: int = 32,
                repeats: int = 3, progress: bool = True) -> dict[str, Any]:
     """Compute the table and plots; returns the JSON summary that is also written."""
@@ -628,6 +638,12 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
                                 lowrank=lowrank, repeats=repeats, progress=progress)
         # not sort_keys: the methods' order is the table's order
         cache_path.write_text(json.dumps(scores, indent=1) + "\n")
+    kernel = _kernel_module().method_entry(
+        _kernel_module().read_pairs(kernel_results),
+        {t: sorted(gt.mean_perf(t)) for t in gt.targets()}) \
+        if kernel_results is not None and Path(kernel_results).exists() else None
+    if kernel is not None:  # scored by kernel_transfer.py, not cached here
+        scores = {**scores, "methods": {**scores["methods"], "kernel (eNTK)": kernel}}
     quality = evaluate(gt, scores)
     g = gt.gains()
     noise = {"cell_std": gt.cell_std(), "split_seed_oracle": gt.split_seed_oracle(),
@@ -664,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recompute", action="store_true",
                         help="Rescore every method (needs the work registries).")
     parser.add_argument("--protocol", default=None, help="Protocol key, if several.")
+    parser.add_argument("--kernel-results", default=str(RESULTS_DIR / "kernel_transfer.jsonl"),
+                        help="Pair scores of kernel_transfer.py (the 'kernel (eNTK)' row; "
+                             "skipped when the file is missing).")
     parser.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1"])
     parser.add_argument("--approx-rank", type=int, default=64)
     parser.add_argument("--lowrank", type=int, default=32, help="Rank of the low-rank ESMs.")
@@ -672,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     regenerate(results=args.results, out=args.out, work=args.work, recompute=args.recompute,
-               protocol_key=args.protocol, metric=args.metric, approx_rank=args.approx_rank,
+               protocol_key=args.protocol, kernel_results=args.kernel_results,
+               metric=args.metric, approx_rank=args.approx_rank,
                lowrank=args.lowrank, repeats=args.repeats, progress=not args.quiet)
     return 0
 

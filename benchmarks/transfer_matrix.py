@@ -277,6 +277,19 @@ def source_entry(reg, task_id: str, encoder):
     return found[0]
 
 
+def protocol_encoder(record: dict[str, Any]):
+    """The base encoder a recorded protocol names, checked against its fingerprint."""
+    from esm.encoder import load_encoder
+
+    encoder = load_encoder(record["encoder"], pooling=record["pooling"],
+                           max_length=record["max_length"])
+    if encoder.identity.fingerprint != record["encoder_fingerprint"]:
+        raise ValueError(f"Encoder {record['encoder']!r} has fingerprint "
+                         f"{encoder.identity.fingerprint}; the matrix was made with "
+                         f"{record['encoder_fingerprint']}.")
+    return encoder
+
+
 def run_cell(start, target, *, seed: int, protocol: Protocol) -> dict[str, Any]:
     """Fine-tune a copy of encoder ``start`` with a fresh seeded head on ``target``
     (already capped) and evaluate it on the target's test split."""

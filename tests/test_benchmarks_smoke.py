@@ -34,6 +34,7 @@ def _load(name: str):
 
 tm = _load("transfer_matrix")
 sq = _load("selection_quality")
+kt = _load("kernel_transfer")
 
 
 # -- metrics against hand-computed values --------------------------------------------------
@@ -257,3 +258,44 @@ def test_ray_executor_gives_the_local_matrix(smoke, one_thread):
     assert len(rows) == 18
     local = {tm.cell_key(r): (r["accuracy"], r["macro_f1"]) for r in smoke["rows"]}
     assert {tm.cell_key(r): (r["accuracy"], r["macro_f1"]) for r in rows} == local
+
+
+def test_kernel_order_needs_every_source_of_a_target():
+    def pair(t, s, score, secs=1.0):
+        return {"kernel_key": "kk", "target": t, "source": s, "score": score, "seconds": secs,
+                "model_bytes": 100, "settings": {"kernel": "sgd", "params": "biases",
+                                                 "solver": "regression", "shots": 4,
+                                                 "eval_examples": 8}}
+
+    pairs = [pair("T", "a", 0.6, 2.0), pair("T", "b", 0.9, 4.0), pair("T", "c", 0.6, 3.0),
+             pair("U", "a", 0.5)]  # U lacks b
+    m = kt.method_entry(pairs, {"T": ["a", "b", "c"], "U": ["a", "b"]})
+    assert set(m["per_target"]) == {"T"}
+    assert m["per_target"]["T"]["orders"] == [["b", "a", "c"]]  # ties by task id
+    assert m["per_target"]["T"]["ms_per_source"] == 3000.0  # the median pair
+    assert "1 of 2 targets" in m["spec"]["note"]
+    assert kt.method_entry(pairs[3:], {"U": ["a", "b"]}) is None
+    with pytest.raises(ValueError, match="several settings"):
+        kt.method_entry(pairs + [{**pairs[0], "kernel_key": "other"}], {"T": ["a"]})
+
+
+def test_kernel_pairs_resume_and_enter_the_table(smoke, one_thread):
+    root = smoke["root"]
+    opts = dict(matrix=root / "matrix.jsonl", results=root / "kernel.jsonl",
+                work=smoke["common"]["work"], shots=4, eval_examples=8, progress=False)
+    first = kt.run_pass(**opts)
+    assert first == {"done": 6, "run": 6, "waiting": 0}  # 3 targets x 2 sources
+    pairs = kt.read_pairs(root / "kernel.jsonl")
+    assert {(p["target"], p["source"]) for p in pairs} == {
+        (t, s) for t in ("toy0", "toy1", "topics") for s in ("toy0", "toy1", "topics")
+        if s != t}
+    assert all(0.0 <= p["score"] <= 1.0 and p["model_bytes"] > 0 for p in pairs)
+    assert kt.run_pass(**opts)["run"] == 0
+    out = root / "out-kernel"
+    summary = sq.regenerate(results=root / "matrix.jsonl", out=out,
+                            work=smoke["common"]["work"], kernel_results=root / "kernel.jsonl",
+                            repeats=1, approx_rank=8, lowrank=4, progress=False)
+    q = summary["methods"]["kernel (eNTK)"]
+    assert q["regret@1"]["n"] == 3 and 0.0 <= q["regret@1"]["mean"] <= 100.0
+    assert q["embed_ms_per_target"] == 0.0 and q["ms_per_source"] > 0
+    assert "| kernel (eNTK) |" in (out / "selection_quality.md").read_text()
