@@ -77,13 +77,13 @@ def run_pass(*, matrix: str | Path = MATRIX_FILE, results: str | Path = RESULTS_
     from selection.ranking import prepare_target
 
     tm = _matrix_module()
-    sq_rows = tm.read_rows(matrix)
-    keys = sorted({r["protocol_key"] for r in sq_rows})
+    matrix_rows = tm.read_rows(matrix)
+    keys = sorted({r["protocol_key"] for r in matrix_rows})
     if protocol_key is None:
         if len(keys) != 1:
             raise ValueError(f"{matrix} holds protocols {keys}; pick one with --protocol.")
         protocol_key = keys[0]
-    rows = [r for r in sq_rows if r["protocol_key"] == protocol_key]
+    rows = [r for r in matrix_rows if r["protocol_key"] == protocol_key]
     if not rows:
         raise ValueError(f"No matrix rows with protocol {protocol_key!r}; the file has {keys}.")
     proto = rows[0]["protocol"]

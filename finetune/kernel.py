@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from esm.data import Split, Task
 from esm.encoder import Encoder, find_layer_list
 from finetune.train import FinetuneSettings, TaskModel, evaluate, finetune
-from selection.scorers import _PER_ESM_ERRORS, Scorer, Scores, register_scorer
+from selection.scorers import Scorer, Scores, register_scorer, score_kept_models
 
 logger = logging.getLogger(__name__)
 
@@ -1001,33 +1001,22 @@ class KernelScorer(Scorer):
         return train, full.take(rest)
 
     def score(self, target, registry, entries, *, progress=False) -> Scores:
-        from esm.encoder import load_encoder
-
-        out = Scores()
         train, held = self._split(target)
         num_labels = int(np.max(target.labels)) + 1 if target.label_kind == "classification" \
             else 1
-        for e in tqdm(entries, desc="eNTK per source", unit="model", disable=not progress,
-                      leave=False):
-            folder = registry.model_dir(e.id)
-            if folder is None:
-                out.errors[e.id] = "no fine-tuned source model kept (build with --keep-models)"
-                continue
-            try:
-                enc = load_encoder(str(folder / "encoder"), pooling=target.encoder.pooling,
-                                   max_length=target.encoder.max_length)
-                torch.manual_seed(self.seed)
-                model = TaskModel(enc, num_labels)
-                s = self.kernel_settings
-                km = compute_kernel(ClassifierFormulation(model), train.inputs(),
-                                    held.inputs(), **s.kernel_options(), progress=False)
-                pred = solve(km, train.labels, label_kind=target.label_kind, settings=s)
-                metrics = kernel_metrics(pred, held.labels, target.label_kind)
-                out.values[e.id] = (metrics["accuracy"] if "accuracy" in metrics
-                                    else -metrics["mse"])
-            except (*_PER_ESM_ERRORS, KernelError) as err:
-                out.errors[e.id] = f"{type(err).__name__}: {err}"
-        return out
+        s = self.kernel_settings
+
+        def one(enc) -> float:
+            torch.manual_seed(self.seed)
+            model = TaskModel(enc, num_labels)
+            km = compute_kernel(ClassifierFormulation(model), train.inputs(), held.inputs(),
+                                **s.kernel_options(), progress=False)
+            pred = solve(km, train.labels, label_kind=target.label_kind, settings=s)
+            metrics = kernel_metrics(pred, held.labels, target.label_kind)
+            return metrics["accuracy"] if "accuracy" in metrics else -metrics["mse"]
+
+        return score_kept_models(target, registry, entries, one, desc="eNTK per source",
+                                 progress=progress, catch=(KernelError,))
 
 
 register_scorer(KernelScorer)

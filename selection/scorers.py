@@ -259,24 +259,35 @@ class SourceLogME(Scorer):
         self.batch_size = batch_size
 
     def score(self, target, registry, entries, *, progress=False) -> Scores:
-        from esm.encoder import load_encoder
+        def one(enc) -> float:
+            feats = enc.embed(target.texts, batch_size=self.batch_size, progress=False)
+            return logme_score(feats, target.labels, label_kind=target.label_kind)
 
-        out = Scores()
-        for e in tqdm(entries, desc="source models", unit="model", disable=not progress,
-                      leave=False):
-            folder = registry.model_dir(e.id)
-            if folder is None:
-                out.errors[e.id] = "no fine-tuned source model kept (build with --keep-models)"
-                continue
-            try:
-                enc = load_encoder(str(folder / "encoder"), pooling=target.encoder.pooling,
-                                   max_length=target.encoder.max_length)
-                feats = enc.embed(target.texts, batch_size=self.batch_size, progress=False)
-                out.values[e.id] = logme_score(feats, target.labels,
-                                               label_kind=target.label_kind)
-            except _PER_ESM_ERRORS as err:
-                out.errors[e.id] = f"{type(err).__name__}: {err}"
-        return out
+        return score_kept_models(target, registry, entries, one, desc="source models",
+                                 progress=progress)
+
+
+def score_kept_models(target: Target, registry: Registry, entries: list[RegistryEntry],
+                      fn, *, desc: str, progress: bool = False,
+                      catch: tuple[type[BaseException], ...] = ()) -> Scores:
+    """``fn(source_encoder)`` for every entry whose registry kept its fine-tuned model
+    (loaded with the target's pooling and max length); entries without one, and
+    per-source failures (``_PER_ESM_ERRORS`` and ``catch``), become ``Scores.errors``."""
+    from esm.encoder import load_encoder
+
+    out = Scores()
+    for e in tqdm(entries, desc=desc, unit="model", disable=not progress, leave=False):
+        folder = registry.model_dir(e.id)
+        if folder is None:
+            out.errors[e.id] = "no fine-tuned source model kept (build with --keep-models)"
+            continue
+        try:
+            enc = load_encoder(str(folder / "encoder"), pooling=target.encoder.pooling,
+                               max_length=target.encoder.max_length)
+            out.values[e.id] = float(fn(enc))
+        except (*_PER_ESM_ERRORS, *catch) as err:
+            out.errors[e.id] = f"{type(err).__name__}: {err}"
+    return out
 
 
 class RandomScorer(Scorer):
