@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esm.catalog import load_builtin
-from esm.encoder import load_encoder
+from stepstone.esm.catalog import load_builtin
+from stepstone.esm.encoder import load_encoder
 
 TASKS = ("sms_spam", "tweet_sentiment", "trec6", "movie_polarity", "bbc_news")
 

@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esm.data import make_task  # noqa: E402
-from esm.encoder import load_encoder  # noqa: E402
-from esm.registry import Registry  # noqa: E402
-from finetune.build import BuildSettings, build_registry  # noqa: E402
-from finetune.executor import ExecutorSettings  # noqa: E402
-from finetune.train import FinetuneSettings  # noqa: E402
+from stepstone.esm.data import make_task  # noqa: E402
+from stepstone.esm.encoder import load_encoder  # noqa: E402
+from stepstone.esm.registry import Registry  # noqa: E402
+from stepstone.finetune.build import BuildSettings, build_registry  # noqa: E402
+from stepstone.finetune.executor import ExecutorSettings  # noqa: E402
+from stepstone.finetune.train import FinetuneSettings  # noqa: E402
 from tests.conftest import build_tiny_model, make_texts  # noqa: E402
 
 

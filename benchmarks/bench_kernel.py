@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esm.catalog import load_builtin
-from esm.encoder import load_encoder
-from finetune.kernel import (
+from stepstone.esm.catalog import load_builtin
+from stepstone.esm.encoder import load_encoder
+from stepstone.finetune.kernel import (
     ClassifierFormulation,
     FewShotFinetuneSettings,
     KernelSettings,
@@ -45,7 +45,7 @@ from finetune.kernel import (
     kernel_metrics,
     solve,
 )
-from finetune.train import TaskModel, evaluate, finetune
+from stepstone.finetune.train import TaskModel, evaluate, finetune
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ("movie_polarity", "sms_spam", "crowdflower_sentiment3")

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from esm.catalog import builtin_ids, is_available
-from esm.registry import DB_NAME, ESM_DIR, Registry, open_registry
-from selection.ranking import rank
+from stepstone.esm.catalog import builtin_ids, is_available
+from stepstone.esm.registry import DB_NAME, ESM_DIR, Registry, open_registry
+from stepstone.selection.ranking import rank
 
 RESULTS = Path(__file__).parent / "results"
 LINKS_PER_SEED = 50_000

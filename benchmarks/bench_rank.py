@@ -35,7 +35,7 @@ Everything runs in one process on the same target embeddings and the same ESMs.
    process's size. The child's scoring time is recorded as a cross-check.
 
 3. Whole ranking wall time for the 1,000-example target, embedding included, no
-   embedding cache: ``selection.ranking.rank("builtin:movie_polarity", None,
+   embedding cache: ``stepstone.selection.ranking.rank("builtin:movie_polarity", None,
    cache=False)`` against the shipped registry, vs hfselect loading the same base
    model, tokenizer and the same candidate ESMs (converted to hfselect ``ESM``) and
    running ``compute_scores`` on an hfselect ``Dataset`` of the same texts and labels.
@@ -73,10 +73,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esm.encoder import EncoderIdentity
-from esm.model import EmbeddingSpaceMap, ESMConfig
-from selection.scorers import ESMLogME
-from selection.target import Target
+from stepstone.esm.encoder import EncoderIdentity
+from stepstone.esm.model import EmbeddingSpaceMap, ESMConfig
+from stepstone.selection.scorers import ESMLogME
+from stepstone.selection.target import Target
 
 DIM = 384
 NOISE = 0.05
@@ -254,9 +254,9 @@ def bench_scoring(target: Target, sizes: list[int], repeats: int, large_repeats:
 
 def bench_registry_agreement(encoder, cache) -> dict:
     """Approximate vs exact ranking (and hfselect vs stepstone) on the shipped ESMs."""
-    from esm.catalog import load_builtin
-    from esm.registry import open_registry
-    from selection.ranking import prepare_target
+    from stepstone.esm.catalog import load_builtin
+    from stepstone.esm.registry import open_registry
+    from stepstone.selection.ranking import prepare_target
 
     reg = open_registry()
     out = {}
@@ -346,7 +346,7 @@ def bench_memory(target: Target, sizes: list[int]) -> dict:
 
 # --------------------------------------------------------------------------- whole rank
 def rank_stepstone():
-    from selection.ranking import rank
+    from stepstone.selection.ranking import rank
 
     start = time.perf_counter()
     ranking = rank(f"builtin:{TARGET}", None, cache=False, progress=False)
@@ -359,8 +359,8 @@ def rank_hfselect(texts: list[str], labels: np.ndarray, esm_ids: list[str]) -> t
     from hfselect import Dataset, compute_scores
     from transformers import AutoModel, AutoTokenizer
 
-    from esm.encoder import DEFAULT_ENCODER, resolve_model_path
-    from esm.registry import open_registry
+    from stepstone.esm.encoder import DEFAULT_ENCODER, resolve_model_path
+    from stepstone.esm.registry import open_registry
 
     start = time.perf_counter()
     path = resolve_model_path(DEFAULT_ENCODER)
@@ -517,10 +517,10 @@ def main() -> None:
         args.sizes, args.repeats, args.large_repeats, args.rank_repeats = [10, 100], 1, 1, 1
     sizes = sorted(set(args.sizes))
 
-    from esm.cache import EmbeddingCache
-    from esm.catalog import load_builtin
-    from esm.encoder import load_encoder
-    from selection.ranking import prepare_target
+    from stepstone.esm.cache import EmbeddingCache
+    from stepstone.esm.catalog import load_builtin
+    from stepstone.esm.encoder import load_encoder
+    from stepstone.selection.ranking import prepare_target
 
     info = machine_info()
     encoder, cache = load_encoder(), EmbeddingCache()

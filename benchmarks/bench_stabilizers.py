@@ -2,7 +2,7 @@
 
 For each built-in target, a fixed small training subset and a fixed test subset;
 for each seed, the default encoder (all-MiniLM-L6-v2) with a fresh head is
-fine-tuned with each stabiliser (:func:`finetune.stabilize.train_stabilized`) and
+fine-tuned with each stabiliser (:func:`stepstone.finetune.stabilize.train_stabilized`) and
 the combined prediction is scored on the test subset. Reported per target and
 stabiliser: mean and std over seeds of accuracy and macro-F1, the std relative to
 ``none``, and the cost as model-steps (optimizer steps over all models trained) and
@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esm.catalog import load_builtin
-from esm.encoder import load_encoder
-from finetune.stabilize import StabilizerSettings, train_stabilized
-from finetune.train import FinetuneSettings, TaskModel
+from stepstone.esm.catalog import load_builtin
+from stepstone.esm.encoder import load_encoder
+from stepstone.finetune.stabilize import StabilizerSettings, train_stabilized
+from stepstone.finetune.train import FinetuneSettings, TaskModel
 
 RESULTS = Path(__file__).parent / "results"
 KINDS = ("none", "ensemble", "swa", "deni")

@@ -70,11 +70,11 @@ def run_pass(*, matrix: str | Path = MATRIX_FILE, results: str | Path = RESULTS_
     exists; returns counts of pairs done, run now, and still waiting for a model."""
     from tqdm.auto import tqdm
 
-    from esm.cache import EmbeddingCache
-    from esm.data import load_task
-    from esm.registry import Registry
-    from finetune.kernel import KernelScorer
-    from selection.ranking import prepare_target
+    from stepstone.esm.cache import EmbeddingCache
+    from stepstone.esm.data import load_task
+    from stepstone.esm.registry import Registry
+    from stepstone.finetune.kernel import KernelScorer
+    from stepstone.selection.ranking import prepare_target
 
     tm = _matrix_module()
     matrix_rows = tm.read_rows(matrix)

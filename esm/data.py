@@ -2,7 +2,7 @@
 
 A :class:`Task` holds a fixed train/test split of texts (or text pairs) with
 labels, the label kind and the class names. Tasks come from the built-in
-catalog (:mod:`esm.catalog`), from local files (CSV, TSV, JSON, JSONL,
+catalog (:mod:`stepstone.esm.catalog`), from local files (CSV, TSV, JSON, JSONL,
 Parquet) or from the Hugging Face Hub; :func:`load_task` accepts all three.
 """
 
@@ -558,7 +558,7 @@ def load_task(spec: str | Task, **options) -> Task:
     if isinstance(spec, Task):
         return spec
     if spec.startswith(BUILTIN_PREFIX):
-        from esm.catalog import load_builtin
+        from stepstone.esm.catalog import load_builtin
 
         return load_builtin(spec[len(BUILTIN_PREFIX):])
     if spec.startswith("hub:"):  # the origin recorded for Hub tasks

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from esm.cache import EmbeddingCache, text_digest
+from stepstone.esm.cache import EmbeddingCache, text_digest
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from esm.encoder import DEFAULT_MAX_LENGTH
-from esm.model import WEIGHTS_NAME, EmbeddingSpaceMap, ESMConfig, ESMFormatError
-from esm.registry import Registry, RegistryEntry
+from stepstone.esm.encoder import DEFAULT_MAX_LENGTH
+from stepstone.esm.model import WEIGHTS_NAME, EmbeddingSpaceMap, ESMConfig, ESMFormatError
+from stepstone.esm.registry import Registry, RegistryEntry
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def read_hfselect_esm(folder: str | Path) -> tuple[EmbeddingSpaceMap, str]:
     config = ESMConfig(
         architecture="linear", in_dim=dim, out_dim=dim,
         # hfselect records no weights fingerprint and pads to 128 tokens; the encoder is
-        # matched by name (see esm.model.check_encoder).
+        # matched by name (see stepstone.esm.model.check_encoder).
         encoder={"name": data["base_model_name"], "fingerprint": "", "pooling": "mean",
                  "max_length": DEFAULT_MAX_LENGTH, "layer": None},
         task_id=task_id, task_origin=f"hfselect {data.get('version', '?')}: {folder}",

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from esm.encoder import EncoderIdentity, EncoderMismatchError
+from stepstone.esm.encoder import EncoderIdentity, EncoderMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class ESMConfig:
 def _versions() -> dict[str, str]:
     import transformers
 
-    from esm import __version__
+    from stepstone.esm import __version__
 
     return {"stepstone": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}

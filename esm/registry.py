@@ -3,7 +3,7 @@
 Layout::
 
     registry.sqlite          one row per ESM (id, task, encoder, dims, sizes, checksum, ...)
-    esms/<id>/config.json    the ESM (see esm.model)
+    esms/<id>/config.json    the ESM (see stepstone.esm.model)
     esms/<id>/model.safetensors
     esms/<id>/profile.json   source profile: token counts for vocabulary overlap
     models/<id>/             optional: the fine-tuned source encoder + head
@@ -33,8 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from esm.encoder import EncoderIdentity, EncoderMismatchError
-from esm.model import CONFIG_NAME, WEIGHTS_NAME, EmbeddingSpaceMap, ESMConfig, ESMFormatError
+from stepstone.esm.encoder import EncoderIdentity, EncoderMismatchError
+from stepstone.esm.model import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    EmbeddingSpaceMap,
+    ESMConfig,
+    ESMFormatError,
+)
 
 logger = logging.getLogger(__name__)
 

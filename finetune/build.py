@@ -8,7 +8,7 @@ built with the same settings is skipped, so a killed build resumes on rerun.
 
 The per-source work (:func:`fit_source`) writes nothing; it returns
 :class:`SourceArtifacts` that the driver adds (:func:`add_source`). So the jobs can
-run here or on a Ray cluster (:mod:`finetune.executor`) while the registry keeps
+run here or on a Ray cluster (:mod:`stepstone.finetune.executor`) while the registry keeps
 one writer.
 """
 
@@ -29,14 +29,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from esm.cache import EmbeddingCache
-from esm.catalog import builtin_ids, is_available
-from esm.data import BUILTIN_PREFIX, DataError, Task, load_task, token_counts
-from esm.encoder import Encoder, EncoderMismatchError, load_encoder
-from esm.model import ARCHITECTURES, EmbeddingSpaceMap, ESMConfig, ESMFitSettings, fit_esm
-from esm.registry import STAGING_DIR, Registry, RegistryEntry
-from finetune.executor import ExecutorSettings, Job, job_device, make_executor
-from finetune.train import FinetuneSettings, TaskModel, evaluate, finetune, save_task_model
+from stepstone.esm.cache import EmbeddingCache
+from stepstone.esm.catalog import builtin_ids, is_available
+from stepstone.esm.data import BUILTIN_PREFIX, DataError, Task, load_task, token_counts
+from stepstone.esm.encoder import Encoder, EncoderMismatchError, load_encoder
+from stepstone.esm.model import ARCHITECTURES, EmbeddingSpaceMap, ESMConfig, ESMFitSettings, fit_esm
+from stepstone.esm.registry import STAGING_DIR, Registry, RegistryEntry
+from stepstone.finetune.executor import ExecutorSettings, Job, job_device, make_executor
+from stepstone.finetune.train import (
+    FinetuneSettings,
+    TaskModel,
+    evaluate,
+    finetune,
+    save_task_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -389,7 +395,7 @@ def build_registry(
 
     ``executor``: where the per-source jobs run (default: here, one after another;
     ``ExecutorSettings(executor="ray", ...)``: on a Ray cluster, see
-    :mod:`finetune.executor`). Either way only this process writes the registry,
+    :mod:`stepstone.finetune.executor`). Either way only this process writes the registry,
     each source as soon as its job returns, so a killed build resumes on rerun.
     On Ray a source whose worker died ``1 + max_retries`` times is reported in
     ``failed``; workers load the encoder by name and must get the same weights.

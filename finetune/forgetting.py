@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.lr import layer_groups
+from stepstone.finetune.lr import layer_groups
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _match(ref: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
 def linear_probe(encoder, train, test, *, label_kind: str) -> float:
     """Refit a linear head on a frozen encoder's pooled embeddings.
 
-    train, test: :class:`~esm.data.Split`. Logistic regression on standardised
+    train, test: :class:`~stepstone.esm.data.Split`. Logistic regression on standardised
     embeddings (classification: test accuracy) or ridge regression (regression: test
     Pearson r). Comparing it before and after target fine-tuning separates a
     mismatched old head from a representation that lost the task.

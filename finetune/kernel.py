@@ -45,10 +45,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from esm.data import Split, Task
-from esm.encoder import Encoder, find_layer_list
-from finetune.train import FinetuneSettings, TaskModel, evaluate, finetune
-from selection.scorers import Scorer, Scores, register_scorer, score_kept_models
+from stepstone.esm.data import Split, Task
+from stepstone.esm.encoder import Encoder, find_layer_list
+from stepstone.finetune.train import FinetuneSettings, TaskModel, evaluate, finetune
+from stepstone.selection.scorers import Scorer, Scores, register_scorer, score_kept_models
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class _TextFormulation(Formulation):
 
 
 class ClassifierFormulation(_TextFormulation):
-    """f(x) = head(pool(encoder(x))): a :class:`~finetune.train.TaskModel`'s logits.
+    """f(x) = head(pool(encoder(x))): a :class:`~stepstone.finetune.train.TaskModel`'s logits.
 
     The head may be freshly initialised (its random init is then part of f0 and of
     the head-excluded kernel) or trained; dropout is off.
@@ -930,10 +930,10 @@ def source_encoder(
     KernelError
         When the ESM has no kept model.
     """
-    from esm.catalog import builtin_ids, load_builtin
-    from esm.data import BUILTIN_PREFIX
-    from esm.encoder import load_encoder
-    from esm.registry import open_registry
+    from stepstone.esm.catalog import builtin_ids, load_builtin
+    from stepstone.esm.data import BUILTIN_PREFIX
+    from stepstone.esm.encoder import load_encoder
+    from stepstone.esm.registry import open_registry
 
     task_id = source.removeprefix(BUILTIN_PREFIX)
     if source.startswith(BUILTIN_PREFIX) or task_id in builtin_ids():

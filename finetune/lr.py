@@ -27,7 +27,7 @@ from pathlib import Path
 
 from torch import nn
 
-from esm.encoder import find_layer_list
+from stepstone.esm.encoder import find_layer_list
 
 KENNEWEG_BASE_LR = 3.3e-6
 # g0 embeddings, g1 layers 0-1, g2 layer 2, g3 layers 3-4, g4 layer 5, g5 layers 6-7,
@@ -168,7 +168,7 @@ def _check_positive(out: dict[str, float]) -> dict[str, float]:
 def param_groups(model: nn.Module, lrs: dict[str, float], groups: LayerGroups | None = None,
                  *, weight_decay: float = 0.01) -> list[dict]:
     """AdamW parameter groups: one per layer group, biases/norms without weight decay."""
-    from finetune.train import NO_DECAY
+    from stepstone.finetune.train import NO_DECAY
 
     groups = groups or layer_groups(model)
     named = dict(model.named_parameters())

@@ -1,12 +1,12 @@
 """Stable fine-tuning: seed ensembles, stochastic weight averaging and DENI.
 
 Small-data fine-tuning swings with the seed; a transfer gain smaller than that
-swing is noise. :func:`train_stabilized` trains a :class:`~finetune.train.TaskModel`
+swing is noise. :func:`train_stabilized` trains a :class:`~stepstone.finetune.train.TaskModel`
 with one of four stabilisers and returns a :class:`StabilizedModel` that predicts
 and evaluates like a single model:
 
 ``none``
-    a plain :func:`~finetune.train.finetune` run (bit-identical weights).
+    a plain :func:`~stepstone.finetune.train.finetune` run (bit-identical weights).
 ``ensemble``
     ``members`` independent runs that differ in seed (head init, batch order,
     dropout); predictions by majority vote or mean probability.
@@ -38,7 +38,7 @@ DENI, step by step (N = main-model steps, M = ``members``):
    ``sqrt(0.15) * eps * std(tensor)`` train with the main model on the remaining
    steps; the M models predict by majority vote (or mean probability).
 
-Noise goes to the ``head`` layer group of :func:`finetune.lr.layer_groups`
+Noise goes to the ``head`` layer group of :func:`stepstone.finetune.lr.layer_groups`
 (pooler + task head) for full fine-tuning and to all trainable parameters for
 parameter-efficient tuning (``noise_scope='auto'``), and never to frozen ones.
 ``std`` is the population standard deviation of the tensor (a one-element tensor
@@ -66,8 +66,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from esm.data import Split, Task
-from finetune.train import (
+from stepstone.esm.data import Split, Task
+from stepstone.finetune.train import (
     FinetuneSettings,
     TaskModel,
     TrainingData,
@@ -290,7 +290,7 @@ def deni_schedule(total_steps: int, settings: StabilizerSettings | None = None) 
 def noise_parameter_names(model: nn.Module, scope: str) -> list[str]:
     """Names of the trainable parameters that DENI noise goes to.
 
-    scope: ``'head'`` (the ``head`` layer group of :func:`finetune.lr.layer_groups`:
+    scope: ``'head'`` (the ``head`` layer group of :func:`stepstone.finetune.lr.layer_groups`:
     pooler + task head), ``'all'`` (every trainable parameter), or ``'auto'``
     (``'head'`` when every parameter is trainable, else ``'all'``).
     """
@@ -302,7 +302,7 @@ def noise_parameter_names(model: nn.Module, scope: str) -> list[str]:
         scope = "head" if len(trainable) == len(named) else "all"
     if scope == "all":
         return trainable
-    from finetune.lr import layer_groups
+    from stepstone.finetune.lr import layer_groups
 
     groups = layer_groups(model)
     return list(groups.params[groups.names.index("head")])
@@ -454,8 +454,9 @@ class StabilizedModel:
                                label_kind=self.label_kind, vote=self.vote)
 
     def evaluate(self, task: Task, split: Split | None = None) -> dict[str, float]:
-        """Metrics of the combined prediction (:func:`finetune.train.metrics_from_outputs`)
-        on ``split`` (default: the task's test split)."""
+        """Metrics of the combined prediction
+        (:func:`stepstone.finetune.train.metrics_from_outputs`) on ``split`` (default: the
+        task's test split)."""
         if task.label_kind != self.label_kind:
             raise ValueError(f"Expected a {self.label_kind} task; got {task.label_kind!r} "
                              f"({task.task_id}).")
@@ -495,7 +496,7 @@ def train_stabilized(
 
     ``model`` is trained in place and is the main model (``StabilizedModel.model``);
     other members are :func:`copy.deepcopy` copies. ``settings`` and
-    ``lr_distribution`` are those of :func:`finetune.train.finetune`, which
+    ``lr_distribution`` are those of :func:`stepstone.finetune.train.finetune`, which
     ``kind='none'`` calls unchanged.
     """
     if stabilizer.kind == "none":
@@ -547,7 +548,7 @@ def _train_ensemble(model, split, *, label_kind, settings, stabilizer, lr_distri
 
 def _train_swa(model, split, *, label_kind, settings, stabilizer, lr_distribution, progress,
                desc) -> StabilizedModel:
-    """The :func:`finetune.train.finetune` loop until ``swa_start``, then SWALR and a
+    """The :func:`stepstone.finetune.train.finetune` loop until ``swa_start``, then SWALR and a
     running average (:class:`torch.optim.swa_utils.AveragedModel`) of the weights after
     every ``swa_every``-th step and after the last; the average is loaded into ``model``.
     No batch-norm statistics to recompute (transformers use LayerNorm)."""
@@ -631,7 +632,7 @@ def _make_copies(model: TaskModel, opt: torch.optim.Optimizer, event: DeniEvent,
 
 def _train_deni(model, split, *, label_kind, settings, stabilizer, lr_distribution, progress,
                 desc) -> StabilizedModel:
-    """DENI (Pecher et al. 2024, arXiv 2406.12471): the :func:`finetune.train.finetune`
+    """DENI (Pecher et al. 2024, arXiv 2406.12471): the :func:`stepstone.finetune.train.finetune`
     loop for the main model, with the copies of :func:`deni_schedule` trained on the
     same batches beside it."""
     start = time.perf_counter()

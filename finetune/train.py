@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from esm.data import Split, Task
-from esm.encoder import Encoder
+from stepstone.esm.data import Split, Task
+from stepstone.esm.encoder import Encoder
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class FinetuneSettings:
 
 
 class TaskModel(nn.Module):
-    """An :class:`~esm.encoder.Encoder` with a linear head on its pooled output.
+    """An :class:`~stepstone.esm.encoder.Encoder` with a linear head on its pooled output.
 
     ``num_labels`` outputs: class logits, or one value for regression.
     """
@@ -170,10 +170,10 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def optimizer_groups(model: nn.Module, settings: FinetuneSettings,
                      lr_distribution: str | Mapping[str, float] | None = None) -> list[dict]:
     """AdamW parameter groups: ``settings.lr`` everywhere, or a layer-wise distribution
-    (``flat:LR``, ``llrd:LR,DECAY``, ``kenneweg``, a JSON file; :mod:`finetune.lr`)."""
+    (``flat:LR``, ``llrd:LR,DECAY``, ``kenneweg``, a JSON file; :mod:`stepstone.finetune.lr`)."""
     if lr_distribution is None:
         return _decay_groups(model, settings.weight_decay)
-    from finetune.lr import layer_groups, param_groups, resolve_distribution
+    from stepstone.finetune.lr import layer_groups, param_groups, resolve_distribution
 
     layers = layer_groups(model)
     return param_groups(model, resolve_distribution(lr_distribution, layers), layers,
@@ -312,7 +312,7 @@ def finetune(
     """Fine-tune ``model`` (encoder and head) on ``split`` in place.
 
     ``lr_distribution``: a layer-wise learning-rate spec (``flat:LR``,
-    ``llrd:LR,DECAY``, ``kenneweg``, a JSON file; see :mod:`finetune.lr`); by
+    ``llrd:LR,DECAY``, ``kenneweg``, a JSON file; see :mod:`stepstone.finetune.lr`); by
     default every parameter uses ``settings.lr``.
 
     ``checkpoint_dir``: save the full training state there every
@@ -486,7 +486,7 @@ def load_task_model(folder: str | Path, *, name: str | None = None,
     """
     from safetensors.torch import load_file
 
-    from esm.encoder import load_encoder
+    from stepstone.esm.encoder import load_encoder
 
     folder = Path(folder)
     if not (folder / TASK_MODEL_META).is_file() or not (folder / TASK_MODEL_HEAD).is_file():

@@ -1,11 +1,11 @@
 """The transfer pipeline: source → target fine-tuning, measured against no intermediate step.
 
-For a target task and a source (given, or the top of :func:`selection.ranking.rank`):
+For a target task and a source (given, or the top of :func:`stepstone.selection.ranking.rank`):
 
 1. fine-tune the base encoder on the source, or reuse the source model a registry
    kept (``registry build --keep-models``);
 2. fine-tune that encoder on the target with a fresh head, under each layer-wise
-   learning-rate distribution asked for (:mod:`finetune.lr`);
+   learning-rate distribution asked for (:mod:`stepstone.finetune.lr`);
 3. fine-tune the base encoder on the target alone with the same settings (the
    no-intermediate baseline);
 4. measure target metrics and the transfer gain, source retention (its own head
@@ -35,19 +35,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from esm.data import DataError, Split, Task, load_task
-from esm.encoder import Encoder, load_encoder
-from esm.registry import Registry, open_registry
-from finetune.forgetting import (
+from stepstone.esm.data import DataError, Split, Task, load_task
+from stepstone.esm.encoder import Encoder, load_encoder
+from stepstone.esm.registry import Registry, open_registry
+from stepstone.finetune.forgetting import (
     Retention,
     backward_transfer,
     layer_cka,
     linear_probe,
     weight_drift,
 )
-from finetune.lr import layer_groups, resolve_distribution
-from finetune.stabilize import StabilizerSettings
-from finetune.train import (
+from stepstone.finetune.lr import layer_groups, resolve_distribution
+from stepstone.finetune.stabilize import StabilizerSettings
+from stepstone.finetune.train import (
     PRIMARY_METRIC,
     FinetuneSettings,
     TaskModel,
@@ -224,7 +224,7 @@ def choose_source(
     if isinstance(source, Task):
         return SourceChoice(source)
     if source == "auto":
-        from selection.ranking import rank
+        from stepstone.selection.ranking import rank
 
         ranking = rank(target, registry, method, encoder=encoder, progress=progress)
         if not ranking.rows:
@@ -249,7 +249,7 @@ def _from_registry(registry: Registry, esm_id: str) -> SourceChoice:
     if not config.task_origin:
         raise DataError(f"ESM {esm_id!r} does not record where its task came from; pass the "
                         f"source as a task spec (builtin:ID, a file or a Hub name).")
-    from esm.catalog import builtin_ids
+    from stepstone.esm.catalog import builtin_ids
 
     # Built-in tasks record a readable origin (package and file), not a loadable spec.
     spec = (f"builtin:{config.task_id}" if config.task_id in builtin_ids()
@@ -608,7 +608,7 @@ class TransferRun:
                       "epoch_metric": [m[self.metric] for m in result.epoch_metrics],
                       "model_steps": result.steps}
         else:
-            from finetune.stabilize import train_stabilized
+            from stepstone.finetune.stabilize import train_stabilized
 
             stable = train_stabilized(model, self.target.train,
                                       label_kind=self.target.label_kind, settings=ft,
@@ -705,7 +705,7 @@ def transfer(
     out : folder for ``report.json``, ``report.md``, plots, stage results and checkpoints.
         Running again with the same arguments resumes; other arguments are refused
         unless ``overwrite``.
-    stabilizer : ``ensemble``, ``swa`` or ``deni`` (:mod:`finetune.stabilize`) for both
+    stabilizer : ``ensemble``, ``swa`` or ``deni`` (:mod:`stepstone.finetune.stabilize`) for both
         target stages (with and without the intermediate step); default none.
     """
     t0 = time.perf_counter()

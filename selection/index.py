@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from esm.registry import Registry, RegistryEntry
+from stepstone.esm.registry import Registry, RegistryEntry
 
 logger = logging.getLogger(__name__)
 

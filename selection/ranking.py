@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from esm.cache import EmbeddingCache
-from esm.data import Task, load_task
-from esm.encoder import DEFAULT_ENCODER, Encoder, load_encoder
-from esm.registry import Registry, RegistryEntry, open_registry, same_encoder
-from selection.index import task_index
-from selection.scorers import Scorer, get_scorer
-from selection.target import Target
+from stepstone.esm.cache import EmbeddingCache
+from stepstone.esm.data import Task, load_task
+from stepstone.esm.encoder import DEFAULT_ENCODER, Encoder, load_encoder
+from stepstone.esm.registry import Registry, RegistryEntry, open_registry, same_encoder
+from stepstone.selection.index import task_index
+from stepstone.selection.scorers import Scorer, get_scorer
+from stepstone.selection.target import Target
 
 logger = logging.getLogger(__name__)
 
@@ -193,11 +193,11 @@ def rank(
     ----------
     target : str or Task
         ``builtin:ID``, a local file (with ``task_options`` such as ``text_column``),
-        a Hub dataset name, or a loaded :class:`~esm.data.Task`.
+        a Hub dataset name, or a loaded :class:`~stepstone.esm.data.Task`.
     registry : path, Registry or None
         None means the registry shipped with stepstone.
     method : str
-        One of :data:`selection.scorers.METHODS`.
+        One of :data:`stepstone.selection.scorers.METHODS`.
     encoder : Encoder, str or None
         Defaults to the encoder the registry was built with.
     pooling, max_length : optional

@@ -17,7 +17,7 @@ source-logme  LogME on embeddings from the kept fine-tuned source model (the exp
 random        seeded random scores (a floor for benchmarks)
 
 Higher layers add methods with :func:`register_scorer` (``kernel``: eNTK accuracy with
-each kept source model, Malladi et al. 2023, from ``finetune.kernel``).
+each kept source model, Malladi et al. 2023, from ``stepstone.finetune.kernel``).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from typing import ClassVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from esm.encoder import EncoderMismatchError
-from esm.model import AFFINE_ARCHITECTURES, EmbeddingSpaceMap, ESMFormatError
-from esm.registry import Registry, RegistryEntry
-from selection.logme import TargetBasis, logme_linear_maps, logme_score
-from selection.target import Target
+from stepstone.esm.encoder import EncoderMismatchError
+from stepstone.esm.model import AFFINE_ARCHITECTURES, EmbeddingSpaceMap, ESMFormatError
+from stepstone.esm.registry import Registry, RegistryEntry
+from stepstone.selection.logme import TargetBasis, logme_linear_maps, logme_score
+from stepstone.selection.target import Target
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def score_kept_models(target: Target, registry: Registry, entries: list[Registry
     """``fn(source_encoder)`` for every entry whose registry kept its fine-tuned model
     (loaded with the target's pooling and max length); entries without one, and
     per-source failures (``_PER_ESM_ERRORS`` and ``catch``), become ``Scores.errors``."""
-    from esm.encoder import load_encoder
+    from stepstone.esm.encoder import load_encoder
 
     out = Scores()
     for e in tqdm(entries, desc=desc, unit="model", disable=not progress, leave=False):
@@ -317,7 +317,7 @@ METHODS: tuple[str, ...] = tuple(SCORERS)
 
 def register_scorer(cls: type[Scorer]) -> type[Scorer]:
     """Add a scorer class from a higher layer, so ``get_scorer``, ``rank`` and the CLI's
-    ``--method`` see it (``finetune.kernel`` registers ``kernel``; ``import stepstone``
+    ``--method`` see it (``stepstone.finetune.kernel`` registers ``kernel``; ``import stepstone``
     imports it). Usable as a class decorator; registering the same class again is a no-op.
 
     Raises
@@ -344,7 +344,7 @@ def available_methods() -> tuple[str, ...]:
 def get_scorer(method: str, **options) -> Scorer:
     """Instantiate a scorer by method name; options go to its constructor."""
     if method not in SCORERS:
-        hint = " ('kernel' is registered by importing finetune.kernel or stepstone)" \
+        hint = " ('kernel' is registered by importing stepstone.finetune.kernel or stepstone)" \
             if method == "kernel" else ""
         raise ValueError(f"'method' must be one of {list(SCORERS)}; got {method!r}{hint}.")
     return SCORERS[method](**options)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from esm.data import token_counts
-from esm.encoder import EncoderIdentity
+from stepstone.esm.data import token_counts
+from stepstone.esm.encoder import EncoderIdentity
 
 
 @dataclass(eq=False)
@@ -51,7 +51,7 @@ class Target:
 
     def base_logme(self) -> float:
         """LogME of the base embeddings: the "no intermediate step" reference."""
-        from selection.logme import logme_score
+        from stepstone.selection.logme import logme_score
 
         return self.memo("base_logme", lambda: logme_score(self.X, self.labels,
                                                            label_kind=self.label_kind))

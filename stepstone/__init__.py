@@ -1,40 +1,58 @@
 """stepstone: pick the intermediate task to fine-tune on first, and carry it through.
 
-The public Python API, re-exported from the layered packages (esm ← selection ←
-finetune). The CLI (``stepstone ...``) is built on exactly these functions.
+The public Python API. The layers install as subpackages (``stepstone.esm`` ←
+``stepstone.selection`` ← ``stepstone.finetune``); the names below are re-exported
+from them on first use, so ``import stepstone`` stays light and importing a layer
+never pulls in the ones above it. Everything else stays importable from its
+subpackage. The CLI (``stepstone ...``) is built on exactly these functions.
 """
 
-from esm import __version__
-from esm.cache import EmbeddingCache
-from esm.catalog import builtin_ids, catalog_table, load_builtin
-from esm.data import DataError, Split, Task, load_file, load_task, make_task
-from esm.encoder import DEFAULT_ENCODER, Encoder, EncoderMismatchError, load_encoder
-from esm.hfselect import import_hfselect, read_hfselect_esm
-from esm.model import EmbeddingSpaceMap, ESMConfig, ESMFitSettings, fit_esm
-from esm.registry import Registry, RegistryError, default_registry_path, open_registry
-from finetune.build import BuildReport, BuildSettings, build_registry
-from finetune.executor import ExecutorSettings, make_executor
-from finetune.kernel import (
-    KernelReport,
-    KernelSettings,
-    compute_kernel,
-    kernel_vs_finetune,
-)
-from finetune.train import FinetuneSettings, TaskModel, TrainingError, evaluate, finetune
-from finetune.transfer import LRSearchSettings, TransferReport, TransferSettings, transfer
-from selection.logme import LogME, logme_score
-from selection.ranking import Ranking, rank
-from selection.scorers import METHODS, available_methods, get_scorer, register_scorer
+from __future__ import annotations
 
-__all__ = [
-    "__version__", "build_registry", "BuildReport", "BuildSettings", "builtin_ids",
-    "catalog_table", "DataError", "DEFAULT_ENCODER", "default_registry_path", "EmbeddingCache",
-    "EmbeddingSpaceMap", "Encoder", "EncoderMismatchError", "ESMConfig", "ESMFitSettings",
-    "evaluate", "finetune", "FinetuneSettings", "fit_esm", "get_scorer", "import_hfselect",
-    "load_builtin", "load_encoder", "load_file", "load_task", "LogME", "logme_score", "make_task",
-    "METHODS", "open_registry", "rank", "Ranking", "read_hfselect_esm", "Registry",
-    "RegistryError", "Split", "Task", "TaskModel", "TrainingError", "transfer",
-    "TransferReport", "TransferSettings", "LRSearchSettings", "available_methods",
-    "compute_kernel", "KernelReport", "KernelSettings", "kernel_vs_finetune", "register_scorer",
-    "ExecutorSettings", "make_executor",
-]
+import importlib
+from typing import Any
+
+from stepstone.esm import __version__
+
+# public name -> defining module (relative to this package)
+_EXPORTS: dict[str, str] = {
+    # tasks and data
+    "Task": "esm.data", "Split": "esm.data", "DataError": "esm.data",
+    "load_task": "esm.data", "load_file": "esm.data", "make_task": "esm.data",
+    "load_builtin": "esm.catalog", "builtin_ids": "esm.catalog", "catalog_table": "esm.catalog",
+    # encoders and ESMs
+    "Encoder": "esm.encoder", "load_encoder": "esm.encoder", "DEFAULT_ENCODER": "esm.encoder",
+    "EncoderMismatchError": "esm.encoder", "EmbeddingCache": "esm.cache",
+    "EmbeddingSpaceMap": "esm.model", "ESMConfig": "esm.model", "ESMFitSettings": "esm.model",
+    "fit_esm": "esm.model", "import_hfselect": "esm.hfselect",
+    # the registry
+    "Registry": "esm.registry", "RegistryError": "esm.registry",
+    "open_registry": "esm.registry", "default_registry_path": "esm.registry",
+    # selection
+    "rank": "selection.ranking", "Ranking": "selection.ranking",
+    "LogME": "selection.logme", "logme_score": "selection.logme",
+    # building, fine-tuning and transfer
+    "build_registry": "finetune.build", "BuildSettings": "finetune.build",
+    "BuildReport": "finetune.build", "FinetuneSettings": "finetune.train",
+    "TaskModel": "finetune.train", "TrainingError": "finetune.train",
+    "evaluate": "finetune.train",
+    "transfer": "finetune.transfer", "TransferSettings": "finetune.transfer",
+    "TransferReport": "finetune.transfer", "LRSearchSettings": "finetune.transfer",
+    "compute_kernel": "finetune.kernel", "kernel_vs_finetune": "finetune.kernel",
+    "KernelSettings": "finetune.kernel", "KernelReport": "finetune.kernel",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stepstone' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"stepstone.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

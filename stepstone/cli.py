@@ -72,7 +72,7 @@ def _print_table(frame) -> None:
 
 # -- commands ---------------------------------------------------------------------------
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from esm.catalog import catalog_table
+    from stepstone.esm.catalog import catalog_table
 
     table = catalog_table()
     if args.json:
@@ -87,18 +87,18 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _encoder_from_args(args: argparse.Namespace):
-    from esm.encoder import load_encoder
+    from stepstone.esm.encoder import load_encoder
 
     return load_encoder(args.encoder, pooling=args.pooling, max_length=args.max_length,
                         layer=getattr(args, "layer", None))
 
 
 def cmd_registry_build(args: argparse.Namespace) -> int:
-    from esm.cache import EmbeddingCache
-    from esm.model import ESMFitSettings
-    from finetune.build import BuildSettings, build_registry
-    from finetune.executor import ExecutorSettings, ExecutorUnavailableError
-    from finetune.train import FinetuneSettings
+    from stepstone.esm.cache import EmbeddingCache
+    from stepstone.esm.model import ESMFitSettings
+    from stepstone.finetune.build import BuildSettings, build_registry
+    from stepstone.finetune.executor import ExecutorSettings, ExecutorUnavailableError
+    from stepstone.finetune.train import FinetuneSettings
 
     settings = config_from_args(
         BuildSettings, args, exit_layers=tuple(args.exit_layers or ()),
@@ -136,7 +136,7 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _open(args: argparse.Namespace, *, write: bool = False):
-    from esm.registry import Registry, open_registry
+    from stepstone.esm.registry import Registry, open_registry
 
     if write:  # the parser makes --registry required for these commands
         return Registry(args.registry, create=getattr(args, "create", False))
@@ -192,7 +192,7 @@ def cmd_registry_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_import(args: argparse.Namespace) -> int:
-    from esm.hfselect import import_hfselect
+    from stepstone.esm.hfselect import import_hfselect
 
     args.create = True
     reg = _open(args, write=True)
@@ -210,7 +210,7 @@ def cmd_registry_import(args: argparse.Namespace) -> int:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from selection.ranking import rank
+    from stepstone.selection.ranking import rank
 
     ranking = rank(
         args.target, args.registry, args.method,
@@ -235,9 +235,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from finetune.stabilize import StabilizerSettings
-    from finetune.train import FinetuneSettings
-    from finetune.transfer import LRSearchSettings, TransferSettings, transfer
+    from stepstone.finetune.stabilize import StabilizerSettings
+    from stepstone.finetune.train import FinetuneSettings
+    from stepstone.finetune.transfer import LRSearchSettings, TransferSettings, transfer
 
     settings = config_from_args(TransferSettings, args,
                                 finetune=config_from_args(FinetuneSettings, args, prefix="ft_"))
@@ -259,15 +259,15 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
-    from esm.data import load_task
-    from finetune.kernel import (
+    from stepstone.esm.data import load_task
+    from stepstone.finetune.kernel import (
         FewShotFinetuneSettings,
         KernelError,
         KernelSettings,
         kernel_vs_finetune,
         source_encoder,
     )
-    from finetune.train import FinetuneSettings
+    from stepstone.finetune.train import FinetuneSettings
 
     try:
         settings = config_from_args(KernelSettings, args)
@@ -301,7 +301,7 @@ def _layer_arg(value: str) -> int | str:
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
-    from esm.encoder import DEFAULT_ENCODER, POOLINGS
+    from stepstone.esm.encoder import DEFAULT_ENCODER, POOLINGS
 
     p.add_argument("--encoder", default=DEFAULT_ENCODER,
                    help=f"Model package, folder or Hub id (default: {DEFAULT_ENCODER}).")
@@ -321,10 +321,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from esm.model import ESMFitSettings
-    from finetune.build import BuildSettings
-    from finetune.executor import ExecutorSettings
-    from finetune.train import FinetuneSettings
+    from stepstone.esm.model import ESMFitSettings
+    from stepstone.finetune.build import BuildSettings
+    from stepstone.finetune.executor import ExecutorSettings
+    from stepstone.finetune.train import FinetuneSettings
 
     parser = argparse.ArgumentParser(
         prog="stepstone",
@@ -336,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Machine-readable output.")
     p.set_defaults(func=cmd_tasks)
 
-    import finetune.kernel  # noqa: F401  (registers the 'kernel' rank method)
-    from selection.ranking import DEFAULT_MAX_TARGET
-    from selection.scorers import available_methods
+    import stepstone.finetune.kernel  # noqa: F401  (registers the 'kernel' rank method)
+    from stepstone.selection.ranking import DEFAULT_MAX_TARGET
+    from stepstone.selection.scorers import available_methods
 
     p = sub.add_parser("rank", help="Rank a registry's sources for a target dataset.")
     p.add_argument("target", help="builtin:ID, a local file, or a Hub dataset name.")
@@ -370,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=cmd_rank)
 
-    from finetune.stabilize import STABILIZERS, StabilizerSettings
-    from finetune.transfer import LRSearchSettings, TransferSettings
+    from stepstone.finetune.stabilize import STABILIZERS, StabilizerSettings
+    from stepstone.finetune.transfer import LRSearchSettings, TransferSettings
 
     p = sub.add_parser(
         "transfer", help="Fine-tune on a source, then on the target; measure gain and forgetting.")
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=cmd_transfer)
 
-    from finetune.kernel import FewShotFinetuneSettings, KernelSettings
+    from stepstone.finetune.kernel import FewShotFinetuneSettings, KernelSettings
 
     p = sub.add_parser(
         "kernel", help="eNTK (kernel) prediction of few-shot fine-tuning, beside the real thing.")
@@ -481,11 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from esm.data import DataError
-    from esm.encoder import EncoderLoadError, EncoderMismatchError
-    from esm.model import ESMFormatError
-    from esm.registry import RegistryError
-    from finetune.train import TrainingError
+    from stepstone.esm.data import DataError
+    from stepstone.esm.encoder import EncoderLoadError, EncoderMismatchError
+    from stepstone.esm.model import ESMFormatError
+    from stepstone.esm.registry import RegistryError
+    from stepstone.finetune.train import TrainingError
 
     # The CLI is one process that never forks tokenizers; silence their fork warning.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -44,7 +44,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture()
 def tiny_encoder(tiny_model_dir):
-    from esm.encoder import load_encoder
+    from stepstone.esm.encoder import load_encoder
 
     return load_encoder(str(tiny_model_dir), max_length=32)
 
@@ -67,7 +67,7 @@ def make_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
 
 @pytest.fixture()
 def small_task():
-    from esm.data import make_task
+    from stepstone.esm.data import make_task
 
     texts, labels = make_texts(40)
     return make_task("toy_sentiment", texts, labels, seed=0)

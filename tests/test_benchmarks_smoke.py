@@ -168,7 +168,7 @@ def test_run_writes_every_cell_and_baseline_once(smoke):
     assert row["protocol_key"] == smoke["first"]["protocol_key"]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     # the per-seed registries kept the source models and fitted early-exit ESMs
-    from esm.registry import Registry
+    from stepstone.esm.registry import Registry
 
     reg = Registry(tm.registry_dir(smoke["common"]["work"], row["protocol_key"], 0))
     entries = reg.entries()
@@ -242,7 +242,7 @@ def test_quality_table_from_the_smoke_matrix(smoke, one_thread):
 def test_ray_executor_gives_the_local_matrix(smoke, one_thread):
     """`run --executor ray`: sources and cells as Ray jobs, the same rows as locally."""
     ray = pytest.importorskip("ray")
-    from finetune.executor import ExecutorSettings
+    from stepstone.finetune.executor import ExecutorSettings
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})

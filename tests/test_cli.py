@@ -62,7 +62,7 @@ def test_build_reports_a_bad_source_by_name(capsys, tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_shipped_registry_lists_and_verifies(capsys):
-    from esm.catalog import builtin_ids, is_available
+    from stepstone.esm.catalog import builtin_ids, is_available
 
     code, out, _ = _run(capsys, "registry", "list", "--json")
     tasks = {e["task_id"] for e in json.loads(out)["esms"]}

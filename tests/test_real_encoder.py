@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from esm.cache import EmbeddingCache
-from esm.catalog import load_builtin
-from esm.encoder import load_encoder
-from esm.registry import Registry
-from finetune.build import BuildSettings, build_registry
-from finetune.train import FinetuneSettings
+from stepstone.esm.cache import EmbeddingCache
+from stepstone.esm.catalog import load_builtin
+from stepstone.esm.encoder import load_encoder
+from stepstone.esm.registry import Registry
+from stepstone.finetune.build import BuildSettings, build_registry
+from stepstone.finetune.train import FinetuneSettings
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,8 @@ def test_one_source_registry_with_real_encoder(encoder, tmp_path):
 
 
 def test_rank_shipped_registry_for_a_builtin_target():
-    from esm.catalog import builtin_ids, is_available
-    from selection.ranking import rank
+    from stepstone.esm.catalog import builtin_ids, is_available
+    from stepstone.selection.ranking import rank
 
     ranking = rank("builtin:movie_polarity", max_examples=300, cache=False, progress=False)
     expected = {t for t in builtin_ids() if is_available(t)} - {"movie_polarity"}
@@ -62,11 +62,11 @@ def test_shipped_registry_is_what_the_build_command_makes(encoder, tmp_path):
     source's settings key (encoder fingerprint, data hash, hyper-parameters) matches."""
     import shutil
 
-    from esm.registry import default_registry_path
+    from stepstone.esm.registry import default_registry_path
 
     shutil.copytree(default_registry_path(), tmp_path / "reg")
     report = build_registry(tmp_path / "reg", "builtin:all", encoder=encoder, progress=False)
-    from esm.catalog import builtin_ids, is_available
+    from stepstone.esm.catalog import builtin_ids, is_available
 
     available = [t for t in builtin_ids() if is_available(t)]
     assert report.added == [] and not report.failed

@@ -1,4 +1,4 @@
-"""Tests for the built-in task catalog (esm.catalog): real files from installed data packages."""
+"""Tests for the built-in task catalog (stepstone.esm.catalog): real files from data packages."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esm import catalog
-from esm.catalog import (
+from stepstone.esm import catalog
+from stepstone.esm.catalog import (
     CATALOG,
     PACKAGE_VERSIONS,
     BuiltinTask,
@@ -20,7 +20,7 @@ from esm.catalog import (
     is_available,
     load_builtin,
 )
-from esm.data import DataError, normalize_text
+from stepstone.esm.data import DataError, normalize_text
 
 REQUIRED_IDS = [
     "sms_spam", "trec6", "disaster_tweets", "tweet_sentiment", "movie_polarity",

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esm.data import DataError, load_file, load_task, make_task, normalize_text
+from stepstone.esm.data import DataError, load_file, load_task, make_task, normalize_text
 
 
 def test_split_is_disjoint_deduplicated_and_seeded():

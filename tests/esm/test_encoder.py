@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from esm.cache import EmbeddingCache
-from esm.encoder import Encoder, EncoderMismatchError, load_encoder, resolve_model_path
+from stepstone.esm.cache import EmbeddingCache
+from stepstone.esm.encoder import Encoder, EncoderMismatchError, load_encoder, resolve_model_path
 
 TEXTS = ["good movie", "the food was very bad and the service was awful", "ok",
          "win a free prize now call", "see you tomorrow at the meeting"]

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from esm.encoder import EncoderMismatchError
-from esm.hfselect import read_hfselect_esm
-from esm.model import (
+from stepstone.esm.encoder import EncoderMismatchError
+from stepstone.esm.hfselect import read_hfselect_esm
+from stepstone.esm.model import (
     EmbeddingSpaceMap,
     ESMConfig,
     ESMFitSettings,
@@ -57,7 +57,7 @@ def test_linear_fit_recovers_a_linear_map():
 
 
 def test_load_refuses_other_encoder(tmp_path, tiny_model_dir):
-    from esm.encoder import load_encoder
+    from stepstone.esm.encoder import load_encoder
 
     mean = load_encoder(str(tiny_model_dir))
     X, Y = _pairs(d=32)

@@ -7,10 +7,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from esm.encoder import EncoderMismatchError
-from esm.hfselect import import_hfselect
-from esm.model import ESMConfig, fit_esm
-from esm.registry import Registry, RegistryError
+from stepstone.esm.encoder import EncoderMismatchError
+from stepstone.esm.hfselect import import_hfselect
+from stepstone.esm.model import ESMConfig, fit_esm
+from stepstone.esm.registry import Registry, RegistryError
 
 
 def _esm(task_id, identity, seed=0):
@@ -66,7 +66,7 @@ def test_corrupt_or_missing_registry(tmp_path):
 
 
 def test_encoder_check_names_both(tmp_path, tiny_model_dir):
-    from esm.encoder import load_encoder
+    from stepstone.esm.encoder import load_encoder
 
     reg = Registry(tmp_path, create=True)
     reg.add(_esm("t1", load_encoder(str(tiny_model_dir)).identity), esm_id="a", settings_key="k")
@@ -78,9 +78,9 @@ def test_encoder_check_names_both(tmp_path, tiny_model_dir):
 KILL_SCRIPT = """
 import dataclasses, os, sys
 import numpy as np
-from esm.encoder import load_encoder
-from esm.model import ESMConfig, fit_esm
-from esm import registry as R
+from stepstone.esm.encoder import load_encoder
+from stepstone.esm.model import ESMConfig, fit_esm
+from stepstone.esm import registry as R
 enc = load_encoder(sys.argv[1])
 X = np.random.default_rng(0).normal(size=(30, enc.dim)).astype(np.float32)
 esm = fit_esm(X, X, config=ESMConfig(encoder=dataclasses.asdict(enc.identity), task_id="t"))[0]

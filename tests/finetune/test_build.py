@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from esm.data import make_task, token_counts
-from esm.registry import Registry
-from finetune.build import BuildSettings, build_registry, expand_sources
-from finetune.train import FinetuneSettings, TaskModel, TrainingError, evaluate, finetune
+from stepstone.esm.data import make_task, token_counts
+from stepstone.esm.registry import Registry
+from stepstone.finetune.build import BuildSettings, build_registry, expand_sources
+from stepstone.finetune.train import FinetuneSettings, TaskModel, TrainingError, evaluate, finetune
 from tests.conftest import make_texts
 
 FAST = dict(max_examples=40, max_eval=20, finetune=FinetuneSettings(epochs=1, batch_size=8))
@@ -87,8 +87,8 @@ def test_expand_sources_and_token_counts():
 
 KILL_BUILD = """
 import os, sys
-import finetune.build as B
-from esm.encoder import load_encoder
+import stepstone.finetune.build as B
+from stepstone.esm.encoder import load_encoder
 from tests.finetune.test_build import FAST, _tasks
 calls = []
 real = B.finetune

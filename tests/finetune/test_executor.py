@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from esm.registry import Registry
-from finetune.build import BuildSettings, build_registry
-from finetune.executor import (
+from stepstone.esm.registry import Registry
+from stepstone.finetune.build import BuildSettings, build_registry
+from stepstone.finetune.executor import (
     CRASH_HOOK_ENV,
     ExecutorSettings,
     ExecutorUnavailableError,
@@ -185,9 +185,9 @@ def test_dead_workers_are_retried_then_reported(tmp_path, tiny_encoder, ray_clus
 
 KILL_DRIVER = """
 import os, signal, sys
-import finetune.build as B
-from esm.encoder import load_encoder
-from finetune.executor import ExecutorSettings
+import stepstone.finetune.build as B
+from stepstone.esm.encoder import load_encoder
+from stepstone.finetune.executor import ExecutorSettings
 from tests.finetune.test_build import FAST, _tasks
 real = B.add_source
 def add_then_die(*a, **k):

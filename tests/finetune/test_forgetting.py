@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.forgetting import Retention, backward_transfer, linear_cka, weight_drift
-from finetune.train import TaskModel
+from stepstone.finetune.forgetting import Retention, backward_transfer, linear_cka, weight_drift
+from stepstone.finetune.train import TaskModel
 
 
 def test_retention_and_bwt():

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from esm.data import make_task
-from esm.encoder import load_encoder
-from finetune.kernel import (
+from stepstone.esm.data import make_task
+from stepstone.esm.encoder import load_encoder
+from stepstone.finetune.kernel import (
     ClassifierFormulation,
     KernelError,
     KernelLogistic,
@@ -27,8 +27,8 @@ from finetune.kernel import (
     select_parameters,
     source_encoder,
 )
-from finetune.train import TaskModel
-from selection.scorers import METHODS, available_methods, get_scorer, register_scorer
+from stepstone.finetune.train import TaskModel
+from stepstone.selection.scorers import METHODS, available_methods, get_scorer, register_scorer
 from tests.conftest import make_texts
 
 EPS = 1e-6
@@ -339,10 +339,10 @@ def test_register_scorer_hook():
 
 
 def test_rank_with_kernel_method(tmp_path, tiny_model_dir):
-    from esm.registry import Registry
-    from finetune.build import BuildSettings, build_registry
-    from finetune.train import FinetuneSettings
-    from selection.ranking import rank
+    from stepstone.esm.registry import Registry
+    from stepstone.finetune.build import BuildSettings, build_registry
+    from stepstone.finetune.train import FinetuneSettings
+    from stepstone.selection.ranking import rank
 
     enc = load_encoder(str(tiny_model_dir), max_length=32)
     tasks = [make_task(f"src{i}", *make_texts(40, seed=20 + i)) for i in range(2)]
@@ -390,7 +390,7 @@ def test_cli_kernel_command(tmp_path, tiny_model_dir, capsys):
 
 @pytest.mark.slow
 def test_real_encoder_biases_kernel_on_a_small_slice():
-    from esm.catalog import load_builtin
+    from stepstone.esm.catalog import load_builtin
 
     t0 = time.perf_counter()
     task = load_builtin("sms_spam")
@@ -404,12 +404,12 @@ def test_real_encoder_biases_kernel_on_a_small_slice():
 
 
 def test_source_encoder_fine_tunes_a_builtin_source(tiny_encoder, small_task, monkeypatch):
-    import esm.catalog
-    from finetune.train import FinetuneSettings
+    import stepstone.esm.catalog
+    from stepstone.finetune.train import FinetuneSettings
 
     # a stand-in built-in task: the path under test is "built-in id -> fine-tune here"
-    monkeypatch.setattr(esm.catalog, "builtin_ids", lambda: ["toy_sentiment"])
-    monkeypatch.setattr(esm.catalog, "load_builtin", lambda task_id: small_task)
+    monkeypatch.setattr(stepstone.esm.catalog, "builtin_ids", lambda: ["toy_sentiment"])
+    monkeypatch.setattr(stepstone.esm.catalog, "load_builtin", lambda task_id: small_task)
     for spec in ("toy_sentiment", "builtin:toy_sentiment"):
         tuned = source_encoder(spec, tiny_encoder, max_examples=16, progress=False,
                                settings=FinetuneSettings(epochs=1, batch_size=8))

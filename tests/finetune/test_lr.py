@@ -3,15 +3,15 @@ import json
 import pytest
 from transformers import BertConfig, BertModel
 
-from esm.encoder import Encoder
-from finetune.lr import (
+from stepstone.esm.encoder import Encoder
+from stepstone.finetune.lr import (
     KENNEWEG_BASE_LR,
     KENNEWEG_RELATIVE,
     layer_groups,
     param_groups,
     resolve_distribution,
 )
-from finetune.train import TaskModel
+from stepstone.finetune.train import TaskModel
 
 
 def _model(layers: int, tiny_encoder):
@@ -85,7 +85,7 @@ def test_finetune_applies_the_distribution(tiny_encoder, small_task):
     """llrd with decay 1e-6: the head learns, the embeddings (11 steps down) barely move."""
     import torch
 
-    from finetune.train import FinetuneSettings, finetune
+    from stepstone.finetune.train import FinetuneSettings, finetune
 
     model = TaskModel(tiny_encoder, 2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import finetune.stabilize as S
-import finetune.train as T
-from finetune.stabilize import (
+import stepstone.finetune.stabilize as S
+import stepstone.finetune.train as T
+from stepstone.finetune.stabilize import (
     DeniEvent,
     StabilizedModel,
     StabilizerSettings,
@@ -24,7 +24,7 @@ from finetune.stabilize import (
     noise_scale,
     train_stabilized,
 )
-from finetune.train import FinetuneSettings, TaskModel, finetune
+from stepstone.finetune.train import FinetuneSettings, TaskModel, finetune
 
 SETTINGS = FinetuneSettings(lr=1e-3, epochs=3, batch_size=4, warmup_ratio=0.1, seed=5)
 # 32 training examples, batch 4: 8 steps per epoch, N = 24. With interval 3 the DENI
@@ -332,7 +332,7 @@ def test_a_short_deni_run(tiny_encoder, small_task, monkeypatch, caplog):
     assert set(metrics) == {"accuracy", "macro_f1"}
 
     # an interval too long for the window: the run says so and keeps the ensemble
-    with caplog.at_level("WARNING", logger="finetune.stabilize"):
+    with caplog.at_level("WARNING", logger="stepstone.finetune.stabilize"):
         short = train_stabilized(_model(tiny_encoder), small_task.train,
                                  label_kind="classification", settings=SETTINGS,
                                  stabilizer=StabilizerSettings(kind="deni", members=2),

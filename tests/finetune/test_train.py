@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import finetune.train as T
-from finetune.train import (
+import stepstone.finetune.train as T
+from stepstone.finetune.train import (
     FinetuneSettings,
     TaskModel,
     TrainingError,

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import finetune.train as T
-import finetune.transfer as TR
-from esm.data import DataError
-from finetune.build import BuildSettings, build_registry
-from finetune.train import FinetuneSettings
-from finetune.transfer import LRSearchSettings, TransferReport, TransferSettings, transfer
+import stepstone.finetune.train as T
+import stepstone.finetune.transfer as TR
+from stepstone.esm.data import DataError
+from stepstone.finetune.build import BuildSettings, build_registry
+from stepstone.finetune.train import FinetuneSettings
+from stepstone.finetune.transfer import LRSearchSettings, TransferReport, TransferSettings, transfer
 from tests.conftest import make_texts
 
 SETTINGS = TransferSettings(
@@ -32,7 +32,7 @@ def _csv(path, n, seed):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir):
     """Two source files in a tiny registry (one with its model kept) and a target file."""
-    from esm.encoder import load_encoder
+    from stepstone.esm.encoder import load_encoder
 
     root = tmp_path_factory.mktemp("transfer")
     encoder = load_encoder(str(tiny_model_dir), max_length=32)
@@ -169,7 +169,7 @@ def test_bad_input_fails_before_training(world, tmp_path, monkeypatch):
 
 
 def test_auto_source_and_kept_model(world, tmp_path, monkeypatch):
-    from selection.ranking import rank
+    from stepstone.selection.ranking import rank
 
     calls = _count_finetunes(monkeypatch)
     settings = TransferSettings(**{**SETTINGS.to_dict(), "seeds": 1,
@@ -221,14 +221,14 @@ def test_lr_search_writes_a_reusable_distribution_and_resumes(world, tmp_path):
 
 
 def _target(world, settings):
-    from esm.data import load_task
+    from stepstone.esm.data import load_task
 
     return load_task(world["target"]).subsample(max_train=settings.target_max_examples,
                                                 max_test=settings.max_eval, seed=0)
 
 
 def _registry(world):
-    from esm.registry import Registry
+    from stepstone.esm.registry import Registry
 
     return Registry(world["registry"])
 
@@ -255,8 +255,8 @@ def test_cli_transfer_json(world, tmp_path, tiny_model_dir, capsys):
 
 
 def test_stabilised_transfer(world, tmp_path, tiny_model_dir, capsys):
-    from finetune.stabilize import StabilizerSettings
     from stepstone.cli import main
+    from stepstone.finetune.stabilize import StabilizerSettings
 
     settings = TransferSettings(**{**SETTINGS.to_dict(), "seeds": 1,
                                    "finetune": SETTINGS.finetune})

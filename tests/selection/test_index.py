@@ -3,9 +3,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from esm.model import ESMConfig, fit_esm
-from esm.registry import Registry
-from selection.index import TaskIndex, label_of, task_index
+from stepstone.esm.model import ESMConfig, fit_esm
+from stepstone.esm.registry import Registry
+from stepstone.selection.index import TaskIndex, label_of, task_index
 
 
 def _add(reg, identity, i, vec):

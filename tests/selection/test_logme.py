@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from selection.logme import (
+from stepstone.selection.logme import (
     LogME,
     TargetBasis,
     evidence_linear_maps,

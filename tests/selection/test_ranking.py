@@ -4,15 +4,15 @@ import shutil
 import numpy as np
 import pytest
 
-from esm.data import make_task
-from esm.encoder import EncoderMismatchError, load_encoder
-from esm.registry import Registry
-from finetune.build import BuildSettings, build_registry
-from finetune.train import FinetuneSettings
-from selection.logme import logme_score
-from selection.ranking import RankedSource, Ranking, prepare_target, rank
-from selection.scorers import METHODS, knn_loo_accuracy
 from stepstone.cli import main
+from stepstone.esm.data import make_task
+from stepstone.esm.encoder import EncoderMismatchError, load_encoder
+from stepstone.esm.registry import Registry
+from stepstone.finetune.build import BuildSettings, build_registry
+from stepstone.finetune.train import FinetuneSettings
+from stepstone.selection.logme import logme_score
+from stepstone.selection.ranking import RankedSource, Ranking, prepare_target, rank
+from stepstone.selection.scorers import METHODS, knn_loo_accuracy
 from tests.conftest import make_texts
 
 
@@ -164,8 +164,8 @@ def test_early_exit_esms_are_tied_to_their_layer(tmp_path, tiny_model_dir, targe
 
 
 def test_vocab_and_textemb_values(tiny_registry, tiny_model_dir):
-    from selection.scorers import TextEmb, VocabOverlap
-    from selection.target import Target
+    from stepstone.selection.scorers import TextEmb, VocabOverlap
+    from stepstone.selection.target import Target
 
     reg = Registry(tiny_registry)
     entries = reg.entries()
