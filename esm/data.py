@@ -20,6 +20,8 @@ from typing import Literal
 
 import numpy as np
 
+from stepstone.esm.errors import StepstoneError
+
 logger = logging.getLogger(__name__)
 
 LabelKind = Literal["classification", "regression"]
@@ -28,7 +30,7 @@ FILE_SUFFIXES: tuple[str, ...] = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 BUILTIN_PREFIX = "builtin:"
 
 
-class DataError(ValueError):
+class DataError(StepstoneError, ValueError):
     """Raised when task data is missing, malformed or unusable."""
 
 

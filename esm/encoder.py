@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stepstone.esm.cache import EmbeddingCache, text_digest
+from stepstone.esm.errors import StepstoneError
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,11 @@ POOLINGS: tuple[str, ...] = ("mean", "cls", "pooler")
 TextInput = str | tuple[str, str]
 
 
-class EncoderLoadError(OSError):
+class EncoderLoadError(StepstoneError, OSError):
     """An encoder could not be found or loaded."""
 
 
-class EncoderMismatchError(ValueError):
+class EncoderMismatchError(StepstoneError, ValueError):
     """An artefact was made with another encoder, pooling, max length or layer."""
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from stepstone.esm.encoder import EncoderIdentity, EncoderMismatchError
+from stepstone.esm.errors import StepstoneError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ ARCHITECTURES: tuple[str, ...] = ("linear", "lowrank", "mlp")
 AFFINE_ARCHITECTURES: tuple[str, ...] = ("linear", "lowrank")  # ESM(x) = W x + b exactly
 
 
-class ESMFormatError(ValueError):
+class ESMFormatError(StepstoneError, ValueError):
     """An ESM folder is missing files or required config keys."""
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from stepstone.esm.encoder import EncoderIdentity, EncoderMismatchError
+from stepstone.esm.errors import StepstoneError
 from stepstone.esm.model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -72,7 +73,7 @@ CREATE TABLE IF NOT EXISTS pending ({", ".join(c + " " for c in _COLUMNS)[:-1]})
 """
 
 
-class RegistryError(RuntimeError):
+class RegistryError(StepstoneError, RuntimeError):
     """The registry is missing, corrupt or inconsistent, or an id is unknown."""
 
 

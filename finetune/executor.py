@@ -35,6 +35,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from stepstone.esm.errors import StepstoneError
+
 logger = logging.getLogger(__name__)
 
 EXECUTORS: tuple[str, ...] = ("local", "ray")
@@ -45,7 +47,7 @@ CRASH_HOOK_ENV = "STEPSTONE_TEST_CRASH_DIR"
 _JOB_DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("job_device", default="cpu")
 
 
-class ExecutorUnavailableError(ImportError):
+class ExecutorUnavailableError(StepstoneError, ImportError):
     """The chosen executor's engine is not installed (``pip install 'stepstone[ray]'``)."""
 
 

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from stepstone.esm.data import Split, Task
 from stepstone.esm.encoder import Encoder, find_layer_list
+from stepstone.esm.errors import StepstoneError
 from stepstone.finetune.train import FinetuneSettings, TaskModel, evaluate, finetune
 from stepstone.selection.scorers import Scorer, Scores, register_scorer, score_kept_models
 
@@ -58,7 +59,7 @@ SolverName = Literal["regression", "logistic", "svm"]
 SOLVERS: tuple[str, ...] = ("regression", "logistic", "svm")
 
 
-class KernelError(ValueError):
+class KernelError(StepstoneError, ValueError):
     """A kernel cannot be computed as asked (empty parameter subset, bad label word...)."""
 
 

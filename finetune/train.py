@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from stepstone.esm.data import Split, Task
 from stepstone.esm.encoder import Encoder
+from stepstone.esm.errors import StepstoneError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ CHECKPOINT_OPTIM = "optimizer.safetensors"
 CHECKPOINT_FORMAT = 1
 
 
-class TrainingError(RuntimeError):
+class TrainingError(StepstoneError, RuntimeError):
     """Training diverged (NaN/inf loss) or cannot start."""
 
 
