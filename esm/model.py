@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from stepstone.esm.encoder import EncoderIdentity, EncoderMismatchError
-from stepstone.esm.errors import StepstoneError
+from stepstone.esm.errors import ConfigError, StepstoneError
 
 logger = logging.getLogger(__name__)
 
@@ -42,29 +42,76 @@ class ESMFormatError(StepstoneError, ValueError):
     """An ESM folder is missing files or required config keys."""
 
 
+class ESMFitError(StepstoneError, ValueError):
+    """A fitted map predicts the tuned embeddings worse than the identity map does."""
+
+
+def check_fit(result: FitResult, *, what: str) -> None:
+    """Refuse a map that explains less of the fine-tuning shift than no map at all."""
+    captured = result.shift_captured
+    if captured is not None and captured < 0:
+        raise ESMFitError(
+            f"The ESM of {what} is worse than the identity map on held-out pairs (MSE "
+            f"{result.val_mse:.4g} vs {result.identity_val_mse:.4g}); refit it with "
+            "ESMFitSettings(method='ridge') (closed form) or more epochs.")
+
+
+FIT_METHODS: tuple[str, ...] = ("ridge", "adamw")
+# Ridge strengths tried on the held-out pairs, relative to the mean eigenvalue of the
+# centred Gram matrix X^T X (so the grid does not depend on the embeddings' scale).
+RIDGE_GRID: tuple[float, ...] = tuple(10.0 ** k for k in range(-6, 3))
+
+
 @dataclass
 class ESMFitSettings:
-    """Hyper-parameters of the ESM fit (paper defaults)."""
+    """How an ESM is fitted to (base, tuned) embedding pairs.
 
-    epochs: int = field(default=10, metadata={"help": "Passes over the (base, tuned) pairs."})
-    batch_size: int = field(default=32, metadata={"help": "Mini-batch size."})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    ``ridge`` (default) is the closed-form least-squares fit shrunk towards the
+    identity map, with its strength chosen on the held-out pairs: exact, so it is
+    converged by construction (``lowrank``: reduced-rank ridge). ``adamw`` is the
+    paper's recipe (mini-batch AdamW from a random start for a fixed number of
+    epochs), kept for comparison; ``mlp`` has no closed form and needs it.
+    """
+
+    method: str = field(
+        default="ridge", metadata={"help": "Fit: 'ridge' (closed form) or 'adamw' (the paper's)."})
+    epochs: int = field(
+        default=10, metadata={"help": "adamw: passes over the (base, tuned) pairs."})
+    batch_size: int = field(default=32, metadata={"help": "adamw: mini-batch size."})
+    lr: float = field(default=1e-3, metadata={"help": "adamw: learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "adamw: weight decay."})
+    alpha: float | None = field(
+        default=None, metadata={"help": "ridge: strength relative to the mean Gram eigenvalue "
+                                        "(default: chosen on the held-out pairs)."})
     val_fraction: float = field(
         default=0.1, metadata={"help": "Share of pairs held out to report validation MSE."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for init, shuffling and the split."})
 
     def __post_init__(self) -> None:
+        if self.method not in FIT_METHODS:
+            raise ConfigError(f"'method' must be one of {list(FIT_METHODS)}; got {self.method!r}.")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"'epochs' and 'batch_size' must be >= 1; got {self.epochs}, {self.batch_size}."
             )
         if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"Need lr > 0 and weight_decay >= 0; got {self.lr}, "
-                             f"{self.weight_decay}.")
+            raise ConfigError(f"Need lr > 0 and weight_decay >= 0; got {self.lr}, "
+                              f"{self.weight_decay}.")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"'alpha' must be > 0 or None; got {self.alpha}.")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"'val_fraction' must be in [0, 1); got {self.val_fraction}.")
+            raise ConfigError(f"'val_fraction' must be in [0, 1); got {self.val_fraction}.")
+
+    def key_dict(self) -> dict[str, Any]:
+        """The settings that change the fitted map for this method (recorded in the
+        ESM's config and in registry build keys). An ``adamw`` fit records exactly the
+        fields it had before ``method`` existed, so its keys are unchanged."""
+        if self.method == "adamw":
+            names = ("epochs", "batch_size", "lr", "weight_decay", "val_fraction", "seed")
+        else:
+            names = ("method", "alpha", "val_fraction", "seed")
+        return {n: getattr(self, n) for n in names}
 
 
 @dataclass
@@ -281,12 +328,36 @@ def check_encoder(config: ESMConfig, encoder: EncoderIdentity) -> None:
 
 @dataclass
 class FitResult:
-    """Final train and validation MSE of an ESM fit."""
+    """Train and validation MSE of an ESM fit, next to the identity map's.
+
+    ``shift_captured``: the share of the fine-tuning shift ``tuned - base`` that the
+    map explains on the held-out pairs, ``1 - val_mse / identity_val_mse`` (negative:
+    worse than leaving the embeddings unchanged). Identity fields are None when the
+    dims differ or no pairs were held out.
+    """
 
     train_mse: float
     val_mse: float | None
     epochs: int
     num_pairs: int
+    identity_val_mse: float | None = None
+    alpha: float | None = None
+
+    @property
+    def shift_captured(self) -> float | None:
+        if self.val_mse is None or not self.identity_val_mse:
+            return None
+        return 1.0 - self.val_mse / self.identity_val_mse
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers recorded in an ESM's ``config.metrics``."""
+        out = {"train_mse": self.train_mse}
+        if self.val_mse is not None:
+            out["val_mse"] = self.val_mse
+        if self.identity_val_mse is not None:
+            out["identity_val_mse"] = self.identity_val_mse
+            out["shift_captured"] = self.shift_captured
+        return out
 
 
 def fit_esm(
@@ -299,7 +370,7 @@ def fit_esm(
     settings: ESMFitSettings | None = None,
     config: ESMConfig | None = None,
 ) -> tuple[EmbeddingSpaceMap, FitResult]:
-    """Fit an ESM on (base, tuned) embedding pairs with MSE and AdamW.
+    """Fit an ESM on (base, tuned) embedding pairs (see :class:`ESMFitSettings`).
 
     Parameters
     ----------
@@ -312,8 +383,10 @@ def fit_esm(
 
     Returns
     -------
-    (esm, result): the fitted map (eval mode) and its final train/validation MSE,
-    which are also recorded in ``esm.config.fit``/``metrics``.
+    (esm, result): the fitted map (eval mode) and its train/validation MSE next to the
+    identity map's, which are also recorded in ``esm.config.fit``/``metrics``. With
+    ``ridge`` the validation numbers are those of the fit on the training pairs, with
+    which the strength was chosen; the returned map is then refitted on all pairs.
     """
     settings = settings or ESMFitSettings()
     base = np.asarray(base, dtype=np.float32)
@@ -325,6 +398,8 @@ def fit_esm(
         raise ValueError(f"Need at least 2 embedding pairs to fit an ESM; got {len(base)}.")
     if not (np.isfinite(base).all() and np.isfinite(tuned).all()):
         raise ValueError("Embeddings contain NaN or inf; cannot fit an ESM.")
+    if settings.method == "ridge" and architecture == "mlp":
+        raise ConfigError("An mlp ESM has no closed-form fit; use method 'adamw' for it.")
     config = dataclasses.replace(config) if config is not None else ESMConfig()
     config.architecture, config.in_dim, config.out_dim = architecture, base.shape[1], tuned.shape[1]
     config.rank = rank if architecture == "lowrank" else None
@@ -342,6 +417,39 @@ def fit_esm(
     perm = torch.randperm(n, generator=gen).numpy()
     n_val = int(math.floor(n * settings.val_fraction)) if n >= 10 else 0
     val_idx, train_idx = perm[:n_val], perm[n_val:]
+    alpha = None
+    if settings.method == "ridge":
+        alpha = _fit_ridge(esm, base, tuned, train_idx, val_idx, settings.alpha)
+    else:
+        _fit_adamw(esm, base, tuned, train_idx, gen, settings)
+    esm.eval()
+    train_mse = _mse(esm, base[train_idx], tuned[train_idx])
+    val_mse = identity_val = None
+    if n_val:
+        val_mse = _mse(esm, base[val_idx], tuned[val_idx])
+        if config.in_dim == config.out_dim:
+            diff = tuned[val_idx].astype(np.float64) - base[val_idx]
+            identity_val = float(np.mean(diff ** 2))
+    if settings.method == "ridge" and n_val:
+        _fit_ridge(esm, base, tuned, perm, val_idx[:0], alpha)  # refit on all pairs
+        esm.eval()
+    result = FitResult(train_mse, val_mse, settings.epochs if settings.method == "adamw" else 0,
+                       n, identity_val, alpha)
+    config.fit = settings.key_dict()
+    if alpha is not None:
+        config.fit["alpha_chosen"] = alpha
+    config.metrics = result.metrics()
+    return esm, result
+
+
+def _mse(esm: EmbeddingSpaceMap, X: np.ndarray, Y: np.ndarray) -> float:
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(esm(torch.from_numpy(X)), torch.from_numpy(Y)))
+
+
+def _fit_adamw(esm: EmbeddingSpaceMap, base: np.ndarray, tuned: np.ndarray,
+               train_idx: np.ndarray, gen: torch.Generator, settings: ESMFitSettings) -> None:
+    """The paper's fit: MSE, mini-batch AdamW, a fixed number of epochs."""
     X, Y = torch.from_numpy(base), torch.from_numpy(tuned)
     opt = torch.optim.AdamW(esm.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     esm.train()
@@ -353,15 +461,59 @@ def fit_esm(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    esm.eval()
+
+
+def _fit_ridge(esm: EmbeddingSpaceMap, base: np.ndarray, tuned: np.ndarray,
+               train_idx: np.ndarray, val_idx: np.ndarray, alpha: float | None) -> float:
+    """Closed-form ridge towards the identity map (towards zero when the dims differ):
+
+        W = argmin ||Yc - Xc W^T||^2 + a ||W - W0||^2,   b = mean(Y) - W mean(X),
+
+    over the centred training pairs, ``a = alpha * mean eigenvalue of Xc^T Xc``. With
+    ``alpha`` None it is chosen from :data:`RIDGE_GRID` by MSE on ``val_idx``. A
+    ``lowrank`` ESM gets the reduced-rank solution (Izenman 1975): the ridge residual
+    ``W - I`` projected on the top principal directions of its fitted values. Sets the
+    weights of ``esm`` and returns the relative strength used (float64 throughout).
+    """
+    cfg = esm.config
+    X, Y = base[train_idx].astype(np.float64), tuned[train_idx].astype(np.float64)
+    mx, my = X.mean(0), Y.mean(0)
+    Xc, Yc = X - mx, Y - my
+    lam, Q = np.linalg.eigh(Xc.T @ Xc)
+    lam = np.clip(lam, 0.0, None)
+    scale = max(float(lam.mean()), 1e-12)
+    W0 = np.eye(cfg.in_dim) if cfg.in_dim == cfg.out_dim else np.zeros((cfg.out_dim, cfg.in_dim))
+    rotated, rotated_prior = Q.T @ (Xc.T @ Yc), Q.T @ W0.T
+
+    def solve(a: float) -> tuple[np.ndarray, np.ndarray]:
+        Wt = Q @ ((rotated + a * scale * rotated_prior) / (lam + a * scale)[:, None])
+        W = Wt.T
+        if cfg.architecture == "lowrank":
+            R = W - np.eye(cfg.in_dim)
+            _, _, Vt = np.linalg.svd(Xc @ R.T, full_matrices=False)
+            Vr = Vt[:cfg.rank].T  # (d, r)
+            W = np.eye(cfg.in_dim) + Vr @ (Vr.T @ R)
+        return W, my - W @ mx
+
+    if alpha is None:
+        if not len(val_idx):
+            raise ValueError("Choosing the ridge strength needs held-out pairs (val_fraction > 0 "
+                             "and at least 10 pairs); or give 'alpha'.")
+        Xv, Yv = base[val_idx].astype(np.float64), tuned[val_idx].astype(np.float64)
+        errors = []
+        for a in RIDGE_GRID:
+            W, b = solve(a)
+            errors.append(float(np.mean((Xv @ W.T + b - Yv) ** 2)))
+        alpha = RIDGE_GRID[int(np.argmin(errors))]
+    W, b = solve(alpha)
     with torch.no_grad():
-        tr = torch.from_numpy(train_idx)
-        train_mse = float(nn.functional.mse_loss(esm(X[tr]), Y[tr]))
-        val_mse = None
-        if n_val:
-            va = torch.from_numpy(val_idx)
-            val_mse = float(nn.functional.mse_loss(esm(X[va]), Y[va]))
-    result = FitResult(train_mse, val_mse, settings.epochs, n)
-    config.fit = dataclasses.asdict(settings)
-    config.metrics = {"train_mse": train_mse, **({"val_mse": val_mse} if n_val else {})}
-    return esm, result
+        if cfg.architecture == "linear":
+            esm.linear.weight.copy_(torch.from_numpy(W))
+            esm.linear.bias.copy_(torch.from_numpy(b))
+        else:  # lowrank: x + up(down(x)) with up = V_r, down = V_r^T (W - I)
+            R = W - np.eye(cfg.in_dim)
+            U, S, Vt = np.linalg.svd(R)
+            esm.up.weight.copy_(torch.from_numpy(U[:, :cfg.rank] * S[:cfg.rank]))
+            esm.down.weight.copy_(torch.from_numpy(Vt[:cfg.rank]))
+            esm.up.bias.copy_(torch.from_numpy(b))
+    return float(alpha)

@@ -33,7 +33,14 @@ from stepstone.esm.cache import EmbeddingCache
 from stepstone.esm.catalog import builtin_ids, is_available
 from stepstone.esm.data import BUILTIN_PREFIX, DataError, Task, load_task, token_counts
 from stepstone.esm.encoder import Encoder, EncoderMismatchError, load_encoder
-from stepstone.esm.model import ARCHITECTURES, EmbeddingSpaceMap, ESMConfig, ESMFitSettings, fit_esm
+from stepstone.esm.model import (
+    ARCHITECTURES,
+    EmbeddingSpaceMap,
+    ESMConfig,
+    ESMFitSettings,
+    check_fit,
+    fit_esm,
+)
 from stepstone.esm.registry import STAGING_DIR, Registry, RegistryEntry
 from stepstone.finetune.executor import ExecutorSettings, Job, job_device, make_executor
 from stepstone.finetune.train import (
@@ -81,6 +88,7 @@ class BuildSettings:
         d = dataclasses.asdict(self)
         d.pop("keep_models")
         d.pop("exit_layers")  # each layer's ESM is keyed by its own encoder identity
+        d["esm_fit"] = self.esm_fit.key_dict()
         return d
 
 
@@ -229,9 +237,10 @@ def fit_source(
             task_data_hash=task.data_hash(), task_origin=task.origin,
             num_examples=len(capped.train), label_kind=task.label_kind,
             classes=list(task.classes), finetune=finetune_record)
-        esm, _ = fit_esm(base, tuned, architecture=settings.architecture, rank=settings.rank,
-                         hidden_dim=settings.hidden_dim, settings=settings.esm_fit,
-                         config=config)
+        esm, fit = fit_esm(base, tuned, architecture=settings.architecture, rank=settings.rank,
+                           hidden_dim=settings.hidden_dim, settings=settings.esm_fit,
+                           config=config)
+        check_fit(fit, what=f"source {task.task_id!r}")
         esm.config.metrics.update(metrics)
         mean = base.astype(np.float64).mean(0)
         task_vector = (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)

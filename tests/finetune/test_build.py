@@ -118,3 +118,22 @@ def test_killed_build_resumes_without_loss(tmp_path, tiny_model_dir, tiny_encode
                             settings=BuildSettings(**FAST), progress=False)
     assert report.skipped == ["toy0"] and len(report.added) == 2
     assert reg.verify().ok
+
+
+def test_a_map_worse_than_the_identity_fails_its_source_only(tmp_path, tiny_encoder):
+    """The paper's fit from a random start, one epoch: worse than no map on the tiny
+    model's small shift, so the build refuses that ESM; the closed-form fit records
+    how much of the shift it captures."""
+    from stepstone.esm.model import ESMFitSettings
+
+    tasks = _tasks()
+    paper = BuildSettings(**FAST, esm_fit=ESMFitSettings(method="adamw", epochs=1))
+    report = build_registry(tmp_path, tasks[:1], encoder=tiny_encoder, settings=paper,
+                            progress=False)
+    assert not report.added and "worse than the identity map" in report.failed["toy0"]
+    report = build_registry(tmp_path, tasks[:1], encoder=tiny_encoder,
+                            settings=BuildSettings(**FAST), progress=False)
+    reg = Registry(tmp_path)
+    metrics = reg.config(report.added[0]).metrics
+    assert metrics["val_mse"] <= metrics["identity_val_mse"]
+    assert 0 <= metrics["shift_captured"] <= 1
