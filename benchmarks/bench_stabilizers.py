@@ -20,7 +20,6 @@ summary (``results/stabilizers.json``, ``results/stabilizers.png``) covers the
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import os
@@ -52,7 +51,7 @@ def subsets(task_id: str, n_train: int, n_test: int, seed: int = 0):
 
 def run_one(encoder, task, train, test, kind: str, seed: int, args) -> dict:
     torch.manual_seed(seed)  # the head's initialisation
-    model = TaskModel(copy.deepcopy(encoder), len(task.classes), dropout=0.1)
+    model = TaskModel(encoder.copy(), len(task.classes), dropout=0.1)
     settings = FinetuneSettings(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                                 warmup_ratio=0.1, seed=seed)
     stab = StabilizerSettings(kind=kind, members=args.members,

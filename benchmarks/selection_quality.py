@@ -341,8 +341,8 @@ def build_variants(work: Path, gt: GroundTruth, encoder, *, lowrank: int, cache=
     from stepstone.esm.registry import Registry, same_encoder
 
     s0 = Registry(work / "registry-s0")
-    low = Registry(work / "registry-lowrank", create=True)
-    half = Registry(work / "registry-fp16", create=True)
+    low = Registry(work / "registry-lowrank", "w", create=True)
+    half = Registry(work / "registry-fp16", "w", create=True)
     proto = gt.protocol
     rank_ = min(lowrank, encoder.dim)
     for e in s0.entries():

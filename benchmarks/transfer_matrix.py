@@ -47,7 +47,6 @@ processes, one per seed, on an otherwise idle 2-core machine: ~3.5-4 h.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import hashlib
 import json
@@ -93,6 +92,20 @@ class Protocol:
     dropout: float = field(default=0.1, metadata={"help": "Dropout before the head."})
     exit_layer: int | None = field(
         default=3, metadata={"help": "Also fit early-exit ESMs at this layer (0: none)."})
+    # Fields added for protocol v2. None means "as v1", and a None field is left out of
+    # the recorded protocol, so v1's key (and its committed rows) stay valid.
+    target_lr: float | None = field(
+        default=None, metadata={"help": "Peak LR of the target fine-tuning (default: lr)."})
+    target_epochs: int | None = field(
+        default=None, metadata={"help": "Epochs of the target fine-tuning (default: epochs)."})
+    target_warmup_ratio: float | None = field(
+        default=None, metadata={"help": "Target warm-up share (default: warmup_ratio)."})
+    esm_fit: str | None = field(
+        default=None, metadata={"help": "ESM fit of the source builds: ridge or adamw "
+                                        "(default: adamw, v1's)."})
+    esm_variants: str | None = field(
+        default=None, metadata={"help": "Comma-separated extra ESM fits made from the same "
+                                        "source model, e.g. adamw (the paper's fit)."})
 
     def __post_init__(self) -> None:
         if self.source_max_examples is not None and self.source_max_examples < 2:
@@ -107,13 +120,28 @@ class Protocol:
             self.exit_layer = None
         self.finetune_settings(0)  # validates lr, epochs, batch size, ratios
 
-    def finetune_settings(self, seed: int):
+    def finetune_settings(self, seed: int, *, target: bool = False):
+        """The source fine-tuning's settings, or with ``target`` the target's."""
         from stepstone.finetune.train import FinetuneSettings
 
-        return FinetuneSettings(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
-                                batch_size=self.batch_size, warmup_ratio=self.warmup_ratio,
+        def pick(name: str):
+            value = getattr(self, f"target_{name}") if target else None
+            return getattr(self, name) if value is None else value
+
+        return FinetuneSettings(lr=pick("lr"), weight_decay=self.weight_decay,
+                                epochs=pick("epochs"), batch_size=self.batch_size,
+                                warmup_ratio=pick("warmup_ratio"),
                                 max_grad_norm=self.max_grad_norm, dropout=self.dropout,
                                 seed=seed)
+
+    def esm_fit_settings(self, method: str | None = None):
+        from stepstone.esm.model import ESMFitSettings
+
+        return ESMFitSettings(method=method or self.esm_fit or "adamw")
+
+    @property
+    def variants(self) -> list[str]:
+        return [v.strip() for v in (self.esm_variants or "").split(",") if v.strip()]
 
     def build_settings(self, seed: int, num_layers: int):
         """The registry build of the sources for ``seed`` (kept models, ESMs)."""
@@ -123,12 +151,16 @@ class Protocol:
         return BuildSettings(max_examples=self.source_max_examples,
                              max_eval=self.source_max_eval,
                              finetune=self.finetune_settings(seed), keep_models=True,
-                             exit_layers=exits)
+                             exit_layers=exits, esm_fit=self.esm_fit_settings(),
+                             require_fit=self.esm_fit is not None)  # v1 built without it
 
     def record(self, encoder) -> dict[str, Any]:
-        """The protocol as stored in every row: these fields plus the encoder identity."""
+        """The protocol as stored in every row: these fields plus the encoder identity
+        (fields added for v2 only where set)."""
         ident = encoder.identity
-        return {**dataclasses.asdict(self), "encoder": encoder.name,
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if v is not None or k not in V2_FIELDS}
+        return {**fields, "encoder": encoder.name,
                 "encoder_fingerprint": ident.fingerprint, "pooling": ident.pooling,
                 "max_length": ident.max_length}
 
@@ -140,8 +172,23 @@ class Protocol:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+V2_FIELDS = ("target_lr", "target_epochs", "target_warmup_ratio", "esm_fit", "esm_variants")
+
+# Protocol v2 (issue 14): targets in a regime where fine-tuning learns, sources trained
+# 4x v1's steps, closed-form ESMs with the paper's fit beside them. Sources: up to
+# 4,000 examples x 3 epochs = 375 steps at batch 32 (v1: 1,000 x 3 = 94). Targets: 256
+# training examples x 4 epochs = 32 steps with a 10% warm-up at 1e-4 (v1: 200 x 3 =
+# 21 steps at 2e-5, where several baselines never left the majority class), 400 test.
+PROTOCOLS: dict[str, Protocol] = {
+    "v1": Protocol(),
+    "v2": Protocol(source_max_examples=4000, target_max_train=256, target_max_test=400,
+                   target_lr=1e-4, target_epochs=4, target_warmup_ratio=0.1,
+                   esm_fit="ridge", esm_variants="adamw"),
+}
+
+
 # -- tasks and cells ------------------------------------------------------------------
-def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
+def resolve_tasks(spec: str | Iterable[str], *, minimum: int = 2) -> list[str]:
     """Task specs from ``all`` / ``builtin:all`` / ids / ``builtin:id`` / file paths
     (comma-separated or a list), in order, without duplicates."""
     from stepstone.esm.catalog import builtin_ids, is_available
@@ -163,8 +210,8 @@ def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
             else:
                 out.append(p)
     out = list(dict.fromkeys(out))
-    if len(out) < 2:
-        raise ValueError(f"A transfer matrix needs at least 2 tasks; got {out}.")
+    if len(out) < minimum:
+        raise ValueError(f"A transfer matrix needs at least {minimum} tasks; got {out}.")
     return out
 
 
@@ -191,9 +238,12 @@ def shard_groups(all_groups: list, shard: tuple[int, int]) -> list:
     return [g for j, g in enumerate(all_groups) if j % n == i]
 
 
-def cells_of(group: tuple[int, str | None], task_ids: list[str]) -> list[tuple]:
+def cells_of(group: tuple[int, str | None], task_ids: list[str],
+             targets: Iterable[str] | None = None) -> list[tuple]:
+    """The cells of a group: every target but the source (only ``targets`` if given)."""
     seed, src = group
-    return [(seed, src, t) for t in task_ids if t != src]
+    keep = set(task_ids if targets is None else targets)
+    return [(seed, src, t) for t in task_ids if t != src and t in keep]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -290,26 +340,114 @@ def protocol_encoder(record: dict[str, Any]):
     return encoder
 
 
+def esm_export_dir(results: Path, protocol_key: str) -> Path:
+    """Where a protocol's source ESMs are kept for good (committed beside the rows)."""
+    return Path(results).parent / f"matrix_esms_{protocol_key}"
+
+
+def export_source_esms(reg, src: str, task, base, protocol: Protocol, seed: int, *,
+                       out: Path, cache=None, progress: bool = False) -> list[Path]:
+    """Copy every ESM the build made for ``src`` (full depth and early exit) to
+    ``out/s<seed>/<fit>/<esm id>/`` and fit each of ``protocol.variants`` (e.g. the
+    paper's adamw fit) on the same (base, tuned) pairs beside it.
+
+    The source models are too large to commit and a later session may not have them;
+    the ESMs are what the selection-quality table needs, so they are written as soon as
+    the source is built. Seed 0's primary fit keeps float32 (the shipped registry is
+    rebuilt from it); the other copies are stored as float16 (their scores move far
+    less than the differences between sources: see benchmarks/README.md). Returns the
+    folders written; a folder already there is kept.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from stepstone.esm.model import WEIGHTS_NAME, fit_esm
+    from stepstone.finetune.train import load_task_model
+
+    settings = protocol.build_settings(seed, base.num_layers)
+    primary = protocol.esm_fit or "adamw"
+    entries = [e for e in reg.entries() if e.task_id == src]
+    written: list[Path] = []
+
+    def half(folder: Path) -> None:
+        if seed == 0 and folder.parent.name == primary:
+            return
+        state = load_file(str(folder / WEIGHTS_NAME))
+        save_file({k: v.half() for k, v in state.items()}, str(folder / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
+
+    todo = []
+    for entry in entries:
+        dest = out / f"s{seed}" / primary / entry.id
+        if not dest.exists():
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(reg.esm_dir(entry.id), tmp)
+            half(tmp)
+            os.replace(tmp, dest)
+            written.append(dest)
+        todo += [(entry, v) for v in protocol.variants
+                 if not (out / f"s{seed}" / v / entry.id).exists()]
+    if not todo:
+        return written
+    kept = source_entry(reg, src, base)
+    tuned_model = load_task_model(reg.model_dir(kept.id), name=base.name)
+    capped = task.subsample(max_train=settings.max_examples, max_test=settings.max_eval,
+                            seed=settings.finetune.seed)
+    inputs = capped.train.inputs()
+    tuned = tuned_model.encoder.embed(inputs, progress=progress)
+    for entry, variant in todo:
+        layer = entry.layer
+        encoder = base if layer in (None, base.num_layers) else base.with_layer(layer)
+        X = encoder.embed(inputs, cache=cache, progress=progress)
+        config = reg.config(entry.id)
+        esm, _ = fit_esm(X, tuned, architecture=config.architecture, rank=config.rank,
+                         hidden_dim=config.hidden_dim,
+                         settings=protocol.esm_fit_settings(variant), config=config)
+        esm.config.metrics.update({k: v for k, v in config.metrics.items()
+                                   if k.startswith("source_test_")})
+        dest = out / f"s{seed}" / variant / entry.id
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        esm.save(tmp)
+        half(tmp)
+        os.replace(tmp, dest)
+        written.append(dest)
+    return written
+
+
+def majority_baseline(target) -> dict[str, float]:
+    """Accuracy and macro-F1 of always predicting the target's most frequent training
+    class on its test split: the floor a fine-tuned baseline must clearly beat."""
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    if target.label_kind != "classification":
+        return {}
+    values, counts = np.unique(target.train.labels, return_counts=True)
+    pred = np.full(len(target.test.labels), values[np.argmax(counts)])
+    return {"majority_accuracy": float(np.mean(pred == target.test.labels)),
+            "majority_macro_f1": float(f1_score(target.test.labels, pred, average="macro"))}
+
+
 def run_cell(start, target, *, seed: int, protocol: Protocol) -> dict[str, Any]:
     """Fine-tune a copy of encoder ``start`` with a fresh seeded head on ``target``
     (already capped) and evaluate it on the target's test split."""
     import torch
 
-    from stepstone.esm.encoder import Encoder
     from stepstone.finetune.train import TaskModel, evaluate, finetune
 
-    ft = protocol.finetune_settings(seed)
+    ft = protocol.finetune_settings(seed, target=True)
     t0 = time.perf_counter()
-    enc = Encoder(copy.deepcopy(start.model), start.tokenizer, name=start.name,
-                  pooling=start.pooling, max_length=start.max_length)
     torch.manual_seed(seed)  # the fresh head's init is part of the seed
-    model = TaskModel(enc, target.num_labels, dropout=ft.dropout)
+    model = TaskModel(start.copy(), target.num_labels, dropout=ft.dropout)
     result = finetune(model, target.train, label_kind=target.label_kind, settings=ft,
                       progress=False)
     train_s = time.perf_counter() - t0
     metrics = evaluate(model, target, target.test)
-    return {**metrics, "steps": result.steps, "train_seconds": round(train_s, 2),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {**metrics, **majority_baseline(target), "steps": result.steps,
+            "train_seconds": round(train_s, 2), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _cell_job(*, seed: int, src: str | None, tgt: str, start_dir: str | None,
@@ -336,7 +474,8 @@ def _cell_job(*, seed: int, src: str | None, tgt: str, start_dir: str | None,
 
 
 def _run_on_executor(executor, todo, *, base, base_name, key, work, protocol, full_tasks,
-                     spec_of, data_hash, write, progress) -> tuple[int, dict[str, str]]:
+                     spec_of, data_hash, write, progress, esm_out
+                     ) -> tuple[int, dict[str, str]]:
     """Run ``todo`` cells as executor jobs: source models first (a registry build on the
     executor, written by this driver), then every cell as one job; each finished cell
     is written as it returns. Returns (cells run, errors by cell id)."""
@@ -364,6 +503,8 @@ def _run_on_executor(executor, todo, *, base, base_name, key, work, protocol, fu
             for src in needed:
                 entry = source_entry(reg, src, base)
                 start_dirs[(seed, src)] = (str(reg.model_dir(entry.id)), entry.id)
+                export_source_esms(reg, src, full_tasks[src], base, protocol, seed,
+                                   out=esm_out)
     jobs = [Job(f"s{seed}:{src or '-'}:{tgt}", {
         "seed": seed, "src": src, "tgt": tgt,
         "start_dir": start_dirs[(seed, src)][0] if src else None,
@@ -397,6 +538,7 @@ def run(
     protocol: Protocol | None = None,
     progress: bool = True,
     executor=None,
+    targets: str | list[str] | None = None,
 ) -> dict[str, Any]:
     """Run every cell of this shard that ``results`` does not hold yet.
 
@@ -404,6 +546,9 @@ def run(
     source fine-tunes and then the cells run as Ray jobs (the registry folders under
     ``work`` must be on storage every node sees), and this process alone writes the
     registries and ``results``. Default: one cell after another in this process.
+
+    ``targets``: only these targets (ids; default: every task), e.g. a second seed on a
+    subset of the matrix; every task is still a source.
 
     Returns a summary: protocol key, cells in the shard, cells run now, seconds.
     """
@@ -424,6 +569,8 @@ def run(
     full_tasks = load_tasks(specs)
     spec_of = dict(zip(full_tasks, specs, strict=True))
     task_ids = list(full_tasks)
+    target_ids = None if targets is None else [
+        t.split(":", 1)[-1] for t in resolve_tasks(targets, minimum=1)]
     if encoder and Path(encoder).is_dir():
         encoder = str(Path(encoder).resolve())  # rows name it; the table reloads it by name
     base = load_encoder(encoder or DEFAULT_ENCODER)
@@ -434,8 +581,14 @@ def run(
                for t, task in full_tasks.items()}
     data_hash = {t: task.data_hash() for t, task in targets.items()}
 
+    unknown = sorted(set(target_ids or ()) - set(task_ids))
+    if unknown:
+        raise ValueError(f"--targets {unknown} are not among the tasks {task_ids}.")
     mine = shard_groups(groups(task_ids, seeds), shard)
-    all_cells = [c for g in mine for c in cells_of(g, task_ids)]
+    if target_ids is not None:  # a group with no cell left (a target's own source) is moot
+        mine = [g for g in mine if cells_of(g, task_ids, target_ids)]
+    all_cells = [c for g in mine for c in cells_of(g, task_ids, target_ids)]
+    esm_out = esm_export_dir(results, key)
     done = done_cells(read_rows(results), key)
     todo = [c for c in all_cells if c not in done]
     logger.info("Protocol %s, shard %d/%d: %d cells, %d done, %d to run.", key, *shard,
@@ -461,7 +614,7 @@ def run(
         ran, errors = _run_on_executor(
             executor, todo, base=base, base_name=encoder or DEFAULT_ENCODER, key=key,
             work=work, protocol=protocol, full_tasks=full_tasks, spec_of=spec_of,
-            data_hash=data_hash, write=write, progress=progress)
+            data_hash=data_hash, write=write, progress=progress, esm_out=esm_out)
         return {"protocol_key": key, "shard": f"{shard[0]}/{shard[1]}",
                 "cells": len(all_cells), "already_done": len(all_cells) - len(todo),
                 "ran": ran, "failed": errors,
@@ -472,14 +625,14 @@ def run(
                unit="cell", disable=not progress)
     try:
         for seed, src in mine:
-            cells = [c for c in cells_of((seed, src), task_ids) if c not in done]
+            cells = [c for c in cells_of((seed, src), task_ids, target_ids) if c not in done]
             if not cells:
                 continue
             source_id = None
             if src is None:
                 start = base
             else:
-                reg = Registry(registry_dir(work, key, seed), create=True)
+                reg = Registry(registry_dir(work, key, seed), "w", create=True)
                 report = build_registry(
                     reg, [full_tasks[src]], encoder=base, cache=cache, progress=progress,
                     settings=protocol.build_settings(seed, base.num_layers))
@@ -488,6 +641,8 @@ def run(
                                        f"{report.failed}")
                 entry = source_entry(reg, src, base)
                 source_id = entry.id
+                export_source_esms(reg, src, full_tasks[src], base, protocol, seed,
+                                   out=esm_out, cache=cache)
                 start = load_task_model(reg.model_dir(entry.id), name=base.name).encoder
                 reg.close()
             for _, _, tgt in cells:
@@ -521,13 +676,6 @@ def status(*, tasks: str | list[str] = "all", seeds: list[int] = (0, 1),
 
 
 # -- CLI --------------------------------------------------------------------------------
-def _add_protocol_options(parser: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(Protocol):
-        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
-                            help=f"{f.metadata['help']} (default: {f.default})")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -538,8 +686,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="Comma-separated built-in ids, builtin:all, or task files.")
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                        help="Training seeds (default: 0 1).")
-        p.add_argument("--results", default=str(RESULTS_FILE),
-                       help="The append-only JSON-lines file of finished cells.")
+        p.add_argument("--results", default=None,
+                       help="The append-only JSON-lines file of finished cells (default: "
+                            "results/transfer_matrix.jsonl for v1, transfer_matrix_v2.jsonl "
+                            "for v2).")
+        p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="v1",
+                       help="Protocol preset; the options below override its fields.")
     p_run.add_argument("--shard", type=parse_shard, default=(0, 1),
                        help="I/N: run the I-th of N deterministic parts (0-based).")
     p_run.add_argument("--work", default=str(WORK_DIR),
@@ -549,13 +701,19 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's). On a machine shared with "
                             "other jobs use 1: oversubscribed threads spin and run far slower.")
+    p_run.add_argument("--targets", default=None,
+                       help="Only these targets (comma-separated ids; default: every task), "
+                            "e.g. a second seed on part of the matrix.")
     p_run.add_argument("--quiet", action="store_true", help="No progress bars.")
     from stepstone.cli import add_config_args, config_from_args
     from stepstone.finetune.executor import ExecutorSettings
 
     add_config_args(p_run, ExecutorSettings)  # --executor local|ray, --ray-address, ...
-    _add_protocol_options(p_run)
+    add_config_args(p_run, Protocol)  # --source-max-examples, --lr, ... (defaults: Protocol's)
     args = parser.parse_args(argv)
+    if args.results is None:
+        args.results = str(RESULTS_FILE if args.protocol == "v1"
+                           else RESULTS_FILE.with_name(f"transfer_matrix_{args.protocol}.jsonl"))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "status":
         print(json.dumps(status(tasks=args.tasks, seeds=args.seeds, results=args.results),
@@ -565,10 +723,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    protocol = Protocol(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Protocol)})
+    protocol = config_from_args(Protocol, args, base=PROTOCOLS[args.protocol])
     summary = run(tasks=args.tasks, seeds=args.seeds, shard=args.shard, work=args.work,
                   results=args.results, encoder=args.encoder, protocol=protocol,
-                  progress=not args.quiet,
+                  progress=not args.quiet, targets=args.targets,
                   executor=config_from_args(ExecutorSettings, args))
     print(json.dumps(summary, indent=2))
     return 0

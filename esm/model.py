@@ -260,7 +260,7 @@ class EmbeddingSpaceMap(nn.Module):
     # -- persistence ------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -269,7 +269,9 @@ class EmbeddingSpaceMap(nn.Module):
         if not self.config.created:
             self.config.created = datetime.now(UTC).isoformat(timespec="seconds")
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        # Same bytes as save_file, but written like every other file (0644 under the
+        # usual umask; save_file makes 0600).
+        (directory / WEIGHTS_NAME).write_bytes(save(state, metadata={"format": "pt"}))
         (directory / CONFIG_NAME).write_text(
             json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
         )

@@ -7,29 +7,44 @@ Layout::
     esms/<id>/model.safetensors
     esms/<id>/profile.json   source profile: token counts for vocabulary overlap
     models/<id>/             optional: the fine-tuned source encoder + head
-    .staging/                half-written additions; never read
+    .staging/<id>-<token>/   an addition being written; never read
+    registry.lock            held (``flock``) by the one process writing
 
-Writes are atomic: an ESM is written to ``.staging``, fsynced, recorded as
-*pending* in SQLite, renamed into ``esms/`` and then moved from pending to the
-main table in one transaction. Opening a registry for writing finishes or undoes
-whatever a killed process left, so an interrupted build loses nothing already
-added and a rerun resumes.
+Readers (``Registry(path)``, mode ``"r"``) open the SQLite file read-only and never
+create, change or delete anything. Writers (``Registry(path, "w")``) take the lock
+for every write, so two builds serialise and a reader racing a build sees either
+the old or the new state.
+
+Writes are atomic: an addition is first recorded as *pending* (with its staging
+folder's name), written to ``.staging/<id>-<token>``, fsynced, renamed into
+``esms/`` and then moved from pending to the main table in one transaction. A
+removal deletes the row and records a pending removal in one transaction, then
+deletes the files. Opening for writing finishes or undoes only these recorded
+operations, so an interrupted build loses nothing already added and a rerun
+resumes. Anything else the registry does not know (a stray folder, a folder
+without row, a missing manifest) is never deleted: :meth:`Registry.verify` reports
+it and :func:`repair_registry` adds the ESM folders that lack a row.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -49,14 +64,21 @@ DB_NAME = "registry.sqlite"
 ESM_DIR = "esms"
 MODEL_DIR = "models"
 STAGING_DIR = ".staging"
+LOCK_NAME = "registry.lock"
 PROFILE_NAME = "profile.json"
 REGISTRY_FORMAT = 1
+# The settings key of a row made by repair_registry from an ESM folder (the build's
+# key lives only in the manifest); see Registry.find.
+REBUILT_KEY_PREFIX = "rebuilt:"
 
 _COLUMNS = (
     "id", "task_id", "base_model", "fingerprint", "pooling", "max_length", "layer", "in_dim",
     "out_dim", "architecture", "num_examples", "label_kind", "num_classes", "settings_key",
     "checksum", "size_bytes", "has_model", "created", "task_vector",
 )
+_COLS = ", ".join(_COLUMNS)
+# A pending operation also records its staging folder's name and its kind.
+_PENDING_EXTRA = ("staging", "op")
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS esms (
@@ -69,12 +91,53 @@ CREATE TABLE IF NOT EXISTS esms (
     task_vector BLOB
 );
 CREATE INDEX IF NOT EXISTS esms_settings ON esms (settings_key);
-CREATE TABLE IF NOT EXISTS pending ({", ".join(c + " " for c in _COLUMNS)[:-1]});
+CREATE TABLE IF NOT EXISTS pending ({", ".join(_COLUMNS + _PENDING_EXTRA)});
 """
+
+# ESM ids name folders: letters, digits, '.', '_', '-', starting with a letter or digit,
+# never '..'. Checked on every read from the manifest and every path made from an id.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+_TOKEN_RE = re.compile(r"[0-9a-f]{8}")
+_REPAIR_HINT = "`stepstone registry repair --registry {path}`"
 
 
 class RegistryError(StepstoneError, RuntimeError):
     """The registry is missing, corrupt or inconsistent, or an id is unknown."""
+
+
+def is_valid_id(esm_id: object) -> bool:
+    """Whether ``esm_id`` is a safe ESM id (see :func:`check_esm_id`)."""
+    return isinstance(esm_id, str) and _ID_RE.fullmatch(esm_id) is not None \
+        and ".." not in esm_id
+
+
+def check_esm_id(esm_id: object) -> str:
+    """Return ``esm_id`` if it is a safe folder name, else raise :class:`RegistryError`."""
+    if not is_valid_id(esm_id):
+        raise RegistryError(
+            f"{esm_id!r} is not a valid ESM id: expected 1-201 letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit, without '..'.")
+    return esm_id  # type: ignore[return-value]
+
+
+def esm_id_for(task_id: str, key: str) -> str:
+    """The id of a new ESM: the task id made folder-safe, then 8 characters of ``key``.
+
+    Ids that are already safe (every built-in task) are kept as they were.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", task_id)
+    safe = re.sub(r"\.{2,}", ".", safe).lstrip("._-")[:180] or "esm"
+    return f"{safe}-{key[:8]}"
+
+
+def check_finite(esm: EmbeddingSpaceMap, *, what: str) -> None:
+    """Refuse an ESM whose weights hold NaN or inf (it would poison every score)."""
+    import torch
+
+    bad = sorted(name for name, t in esm.state_dict().items()
+                 if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ESMFormatError(f"{what} has non-finite (NaN or inf) weights in {bad}.")
 
 
 @dataclass(frozen=True)
@@ -114,20 +177,58 @@ class RegistryEntry:
 
 @dataclass
 class VerifyReport:
-    """Result of :meth:`Registry.verify`: ``ok`` iff ``problems`` is empty."""
+    """Result of :meth:`Registry.verify`: ``ok`` iff ``problems`` is empty.
+
+    ``notes``: things that are fine but worth saying (an addition in progress).
+    """
 
     checked: int
     problems: list[str]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def __str__(self) -> str:
+        notes = "".join(f"\n  note: {n}" for n in self.notes)
         if self.ok:
-            return f"OK: {self.checked} ESMs, every checksum matches, rows and files agree."
+            return (f"OK: {self.checked} ESMs, every checksum matches, rows and files "
+                    f"agree.{notes}")
         return f"{len(self.problems)} problem(s) in {self.checked} ESMs:\n" + "\n".join(
-            f"  - {p}" for p in self.problems)
+            f"  - {p}" for p in self.problems) + notes
+
+
+@dataclass
+class RepairReport:
+    """What :func:`repair_registry` did, and what it left for a person to decide."""
+
+    created_manifest: bool = False
+    recovered: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    removed_rows: list[str] = field(default_factory=list)
+    remaining: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = []
+        if self.created_manifest:
+            lines.append(f"created a new {DB_NAME}")
+        lines += [f"recovered: {r}" for r in self.recovered]
+        if self.added:
+            lines.append(f"added {len(self.added)} row(s) from ESM folders "
+                         f"(checksums recomputed): {', '.join(self.added)}")
+            lines.append("  their task vectors are not stored in the folders: textemb lists "
+                         "them as errors and --prefilter never selects them until rebuilt")
+        lines += [f"removed row with unsafe id {r!r} (no file touched)"
+                  for r in self.removed_rows]
+        lines += [f"refused {name}: {why}" for name, why in self.refused.items()]
+        lines += ([f"left as is: {p}" for p in self.remaining]
+                  or ["the registry verifies: OK"])
+        return "\n".join(lines)
 
 
 def folder_checksum(folder: Path) -> tuple[str, int]:
@@ -145,17 +246,36 @@ def folder_checksum(folder: Path) -> tuple[str, int]:
     return h.hexdigest(), total
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
             with path.open("rb") as f:
                 os.fsync(f.fileno())
     for d in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(d)
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _normalise_modes(folder: Path) -> None:
+    """Files 0666 and folders 0777 less the umask, whatever wrote them (safetensors
+    writes 0600, temporary folders are 0700)."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _row_to_entry(row: sqlite3.Row | tuple) -> RegistryEntry:
@@ -166,6 +286,110 @@ def _row_to_entry(row: sqlite3.Row | tuple) -> RegistryEntry:
     return RegistryEntry(**values, task_vector=vec)
 
 
+def _is_inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _present_entries(path: Path) -> list[str]:
+    """What lies in ``esms/`` and ``models/`` (relative names)."""
+    out = []
+    for sub in (ESM_DIR, MODEL_DIR):
+        root = path / sub
+        if root.is_dir():
+            out += [f"{sub}/{p.name}" for p in sorted(root.iterdir())]
+    return out
+
+
+def _manifest_missing_error(path: Path, what: str) -> RegistryError:
+    found = _present_entries(path)
+    shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+    return RegistryError(
+        f"{what}, but {path} holds {len(found)} ESM/model folder(s) ({shown}). Nothing was "
+        f"changed. Rebuild the manifest from the ESM folders (each carries its config; the "
+        f"checksums are recomputed) with {_REPAIR_HINT.format(path=path)}.")
+
+
+# -- the writers' lock --------------------------------------------------------------------
+_HELD: dict[tuple[str, int], list[int]] = {}  # (lock path, thread) -> [fd, depth]
+_HELD_GUARD = threading.Lock()
+
+
+@contextmanager
+def _write_lock(path: Path, *, timeout: float | None = None) -> Iterator[None]:
+    """Exclusive ``flock`` on ``path/registry.lock``: one writer at a time across
+    processes and threads; re-entrant within one thread."""
+    key = (str((path / LOCK_NAME).resolve()), threading.get_ident())
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] += 1
+    if held is None:
+        fd = os.open(key[0], os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            _acquire(fd, path, timeout)
+        except BaseException:
+            os.close(fd)
+            raise
+        with _HELD_GUARD:
+            _HELD[key] = held = [fd, 1]
+    try:
+        yield
+    finally:
+        with _HELD_GUARD:
+            held[1] -= 1
+            done = held[1] == 0
+            if done:
+                del _HELD[key]
+        if done:
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            os.close(held[0])
+
+
+def _acquire(fd: int, path: Path, timeout: float | None) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    logger.warning("Registry %s: another process is writing it; waiting for it to finish.",
+                   path)
+    if timeout is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RegistryError(f"Registry {path} is still being written by another "
+                                    f"process after {timeout:g}s; try again later.") from None
+            time.sleep(0.05)
+
+
+def _writer_active(path: Path) -> bool:
+    """Whether some process holds the write lock now (tested without creating anything)."""
+    lock = path / LOCK_NAME
+    if not lock.is_file():
+        return False
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a shared lock we may have got
+    return False
+
+
 class Registry:
     """An ESM registry on disk.
 
@@ -173,95 +397,243 @@ class Registry:
     ----------
     path : str or Path
         The registry folder.
+    mode : {"r", "w"}
+        ``"r"`` (default): read-only; the SQLite file is opened with ``mode=ro`` and
+        nothing on disk is created, changed or deleted. ``"w"``: for adding and
+        removing ESMs; opening takes the write lock and finishes or undoes the
+        operations an interrupted writer recorded as pending (nothing else).
     create : bool
-        Create an empty registry when the folder holds none.
-    readonly : bool
-        Open without writing (the shipped default registry is opened this way).
+        With ``mode="w"``: create an empty registry when the folder holds none.
+    lock_timeout : float, optional
+        Seconds a writer waits for another writer's lock (default: as long as it takes).
     """
 
-    def __init__(self, path: str | Path, *, create: bool = False, readonly: bool = False) -> None:
+    def __init__(self, path: str | Path, mode: Literal["r", "w"] = "r", *,
+                 create: bool = False, lock_timeout: float | None = None) -> None:
+        if mode not in ("r", "w"):
+            raise RegistryError(f"'mode' must be 'r' or 'w'; got {mode!r}.")
+        if create and mode != "w":
+            raise RegistryError("create=True needs mode='w' (a reader never creates).")
         self.path = Path(path)
-        self.readonly = readonly
+        self.mode = mode
+        self.lock_timeout = lock_timeout
+        self._conn: sqlite3.Connection | None = None
+        if mode == "r":
+            self._conn = self._connect_readonly()
+        else:
+            if create:
+                self.path.mkdir(parents=True, exist_ok=True)
+            elif not self.path.is_dir():
+                raise RegistryError(
+                    f"No registry at {str(self.path)!r} (expected {DB_NAME} there). Build one "
+                    "with `stepstone registry build --registry DIR ...`.")
+            with self.write_lock():
+                self._conn = self._connect_writable(create)
+                self._recover()
+
+    @property
+    def readonly(self) -> bool:
+        return self.mode == "r"
+
+    # -- opening ----------------------------------------------------------------------
+    def _manifest_state(self) -> str:
+        """'missing', 'empty' (0 bytes) or 'present'."""
         db = self.path / DB_NAME
         if not db.exists():
+            return "missing"
+        return "empty" if db.is_file() and db.stat().st_size == 0 else "present"
+
+    def _check_tables(self, conn: sqlite3.Connection) -> set[str]:
+        db = self.path / DB_NAME
+        try:
+            return {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as err:
+            conn.close()
+            raise RegistryError(
+                f"{db} is not a readable stepstone registry database ({err}). Nothing was "
+                f"changed. To rebuild it from the ESM folders, move it aside and run "
+                f"{_REPAIR_HINT.format(path=self.path)}.") from None
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        db = self.path / DB_NAME
+        state = self._manifest_state()
+        if state != "present":
+            if _present_entries(self.path):
+                raise _manifest_missing_error(
+                    self.path, f"{db} is {'empty (0 bytes)' if state == 'empty' else 'missing'}")
+            raise RegistryError(
+                f"No registry at {str(self.path)!r} (expected a non-empty {DB_NAME} there). "
+                "Build one with `stepstone registry build --registry DIR ...`.")
+        try:
+            conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=60)
+        except sqlite3.DatabaseError as err:
+            raise RegistryError(f"Cannot open {db} read-only ({err}).") from None
+        tables = self._check_tables(conn)
+        if not {"esms", "meta", "pending"} <= tables:
+            conn.close()
+            if not tables and _present_entries(self.path):
+                raise _manifest_missing_error(self.path, f"{db} holds no tables")
+            raise RegistryError(f"{db} lacks the 'esms'/'meta'/'pending' tables; it is not a "
+                                "stepstone registry.")
+        return conn
+
+    def _connect_writable(self, create: bool) -> sqlite3.Connection:
+        db = self.path / DB_NAME
+        state = self._manifest_state()
+        if state != "present":
+            if _present_entries(self.path):
+                raise _manifest_missing_error(
+                    self.path, f"{db} is {'empty (0 bytes)' if state == 'empty' else 'missing'}")
             if not create:
                 raise RegistryError(
                     f"No registry at {str(self.path)!r} (expected {DB_NAME} there). Build one "
-                    "with `stepstone registry build --registry DIR ...`."
-                )
-            if readonly:
-                raise RegistryError("Cannot create a registry read-only.")
-            self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            if readonly:
-                self._conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            else:
-                self._conn = sqlite3.connect(db, timeout=60)
-                self._conn.executescript(_SCHEMA)
-                self._conn.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('format_version', ?)",
-                    (str(REGISTRY_FORMAT),))
-                self._conn.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', '0')")
-                self._conn.commit()
-            tables = {r[0] for r in self._conn.execute(
-                "SELECT name FROM sqlite_master WHERE type='table'")}
-        except sqlite3.DatabaseError as err:
-            raise RegistryError(
-                f"{db} is not a readable stepstone registry database ({err}).") from None
-        if not {"esms", "meta", "pending"} <= tables:
+                    "with `stepstone registry build --registry DIR ...`.")
+        conn = sqlite3.connect(db, timeout=60)
+        tables = self._check_tables(conn)
+        if tables and not {"esms", "meta", "pending"} <= tables:
+            conn.close()
             raise RegistryError(f"{db} lacks the 'esms'/'meta'/'pending' tables; it is not a "
                                 "stepstone registry.")
-        if not readonly:
-            self._recover()
+        if not tables and _present_entries(self.path):
+            conn.close()
+            raise _manifest_missing_error(self.path, f"{db} holds no tables")
+        conn.executescript(_SCHEMA)
+        have = {r[1] for r in conn.execute("PRAGMA table_info(pending)")}
+        for col in _PENDING_EXTRA:  # registries written before pending recorded these
+            if col not in have:
+                conn.execute(f"ALTER TABLE pending ADD COLUMN {col}")
+        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('format_version', ?)",
+                     (str(REGISTRY_FORMAT),))
+        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', '0')")
+        conn.commit()
+        return conn
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RegistryError(f"Registry {str(self.path)!r} is closed.")
+        return self._conn
+
+    # -- paths ------------------------------------------------------------------------
+    def _inside(self, sub: str, esm_id: str) -> Path:
+        """``path/sub/<id>`` after checking the id and that it resolves inside ``path/sub``."""
+        check_esm_id(esm_id)
+        folder = self.path / sub / esm_id
+        if (folder.exists() or folder.is_symlink()) and not _is_inside(self.path / sub, folder):
+            raise RegistryError(f"{folder} resolves to {folder.resolve()}, outside the "
+                                f"registry's {sub}/ folder; it is not read or changed.")
+        return folder
+
+    def esm_dir(self, esm_id: str) -> Path:
+        return self._inside(ESM_DIR, esm_id)
+
+    def _model_path(self, esm_id: str) -> Path:
+        return self._inside(MODEL_DIR, esm_id)
 
     # -- reading ----------------------------------------------------------------------
     def __len__(self) -> int:
-        return self._conn.execute("SELECT COUNT(*) FROM esms").fetchone()[0]
+        return sum(is_valid_id(r[0]) for r in self.conn.execute("SELECT id FROM esms"))
 
     def __contains__(self, esm_id: str) -> bool:
-        row = self._conn.execute("SELECT 1 FROM esms WHERE id = ?", (esm_id,)).fetchone()
+        if not is_valid_id(esm_id):
+            return False
+        row = self.conn.execute("SELECT 1 FROM esms WHERE id = ?", (esm_id,)).fetchone()
         return row is not None
 
     def __iter__(self) -> Iterator[RegistryEntry]:
         return iter(self.entries())
 
+    def _rows(self, where: str = "", params: tuple = ()) -> list[RegistryEntry]:
+        rows = self.conn.execute(f"SELECT {_COLS} FROM esms {where}", params).fetchall()
+        out = []
+        for r in rows:
+            if is_valid_id(r[0]):
+                out.append(_row_to_entry(r))
+            else:
+                logger.warning("Registry %s: ignoring a row with the unsafe id %r (see "
+                               "`stepstone registry verify`).", self.path, r[0])
+        return out
+
     def entries(self) -> list[RegistryEntry]:
-        """All rows, ordered by task id then id."""
-        rows = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM esms ORDER BY task_id, id")
-        return [_row_to_entry(r) for r in rows]
+        """All rows with a valid id, ordered by task id then id."""
+        return self._rows("ORDER BY task_id, id")
 
     def get(self, esm_id: str) -> RegistryEntry:
-        row = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM esms WHERE id = ?",
-                                 (esm_id,)).fetchone()
-        if row is None:
+        check_esm_id(esm_id)
+        found = self._rows("WHERE id = ?", (esm_id,))
+        if not found:
             raise RegistryError(f"No ESM {esm_id!r} in registry {str(self.path)!r}; it has "
                                 f"{len(self)} ESMs (see `stepstone registry list`).")
-        return _row_to_entry(row)
+        return found[0]
 
     def find(self, settings_key: str) -> RegistryEntry | None:
-        """The entry built with exactly these settings, if any."""
-        row = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM esms WHERE settings_key = ?",
-                                 (settings_key,)).fetchone()
-        return None if row is None else _row_to_entry(row)
+        """The entry built with exactly these settings, if any.
 
-    def esm_dir(self, esm_id: str) -> Path:
-        return self.path / ESM_DIR / esm_id
+        A row rebuilt from its folder by :func:`repair_registry` lost its settings key;
+        it matches when its id ends in the key's first 8 characters, which is how
+        builds and imports name their ESMs.
+        """
+        found = self._rows("WHERE settings_key = ?", (settings_key,))
+        if not found:
+            found = [e for e in self._rows("WHERE settings_key LIKE ?",
+                                           (REBUILT_KEY_PREFIX + "%",))
+                     if e.id.endswith("-" + settings_key[:8])]
+        return found[0] if found else None
 
     def model_dir(self, esm_id: str) -> Path | None:
         """Folder of the kept fine-tuned source model, or None if the build did not keep it."""
         entry = self.get(esm_id)
-        return self.path / MODEL_DIR / esm_id if entry.has_model else None
+        return self._model_path(esm_id) if entry.has_model else None
 
-    def config(self, esm_id: str) -> ESMConfig:
-        data = json.loads((self.esm_dir(esm_id) / CONFIG_NAME).read_text())
+    def check_files(self, esm_id: str) -> RegistryEntry:
+        """The entry, after checking its folder's checksum against the row's.
+
+        Raises
+        ------
+        RegistryError
+            When the folder is missing or its files changed after the ESM was added.
+        """
+        entry = self.get(esm_id)
+        folder = self.esm_dir(esm_id)
+        if not folder.is_dir():
+            raise RegistryError(f"ESM {esm_id!r}: its folder {folder} is missing (see "
+                                "`stepstone registry verify`).")
+        checksum, _ = folder_checksum(folder)
+        if checksum != entry.checksum:
+            raise RegistryError(
+                f"ESM {esm_id!r}: checksum mismatch (row {entry.checksum[:12]}, files "
+                f"{checksum[:12]}): its files changed after it was added; see `stepstone "
+                "registry verify`.")
+        return entry
+
+    def config(self, esm_id: str, *, verify: bool = False) -> ESMConfig:
+        """An ESM's config; with ``verify``, only after :meth:`check_files` passed."""
+        if verify:
+            self.check_files(esm_id)
+        else:
+            self.get(esm_id)
+        path = self.esm_dir(esm_id) / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ESMFormatError(f"{path} is not readable JSON ({err}).") from None
         return ESMConfig.from_dict(data)
 
-    def load_esm(self, esm_id: str, *, encoder: EncoderIdentity | None = None
-                 ) -> EmbeddingSpaceMap:
-        """Load one ESM; with ``encoder``, refuse it if it was made for another encoder."""
-        self.get(esm_id)
-        return EmbeddingSpaceMap.load(self.esm_dir(esm_id), encoder=encoder)
+    def load_esm(self, esm_id: str, *, encoder: EncoderIdentity | None = None,
+                 verify: bool = True) -> EmbeddingSpaceMap:
+        """Load one ESM; with ``encoder``, refuse it if it was made for another encoder.
+
+        ``verify`` (default): check the folder's checksum first (cheap next to scoring)
+        and refuse non-finite weights, so a corrupt ESM is an error naming its id.
+        """
+        if verify:
+            self.check_files(esm_id)
+        else:
+            self.get(esm_id)
+        esm = EmbeddingSpaceMap.load(self.esm_dir(esm_id), encoder=encoder)
+        check_finite(esm, what=f"ESM {esm_id!r}")
+        return esm
 
     def profile(self, esm_id: str) -> dict[str, Any]:
         """The source profile (``token_counts``, ``num_train``) stored with an ESM."""
@@ -272,7 +644,7 @@ class Registry:
 
     def encoders(self) -> list[EncoderIdentity]:
         """Distinct encoder configurations in the registry."""
-        rows = self._conn.execute(
+        rows = self.conn.execute(
             "SELECT DISTINCT base_model, fingerprint, pooling, max_length, layer, in_dim FROM esms")
         return [EncoderIdentity(*r) for r in rows]
 
@@ -288,10 +660,25 @@ class Registry:
                 f"max_length {encoder.max_length}, layer {encoder.layer})."
             )
 
+    @property
+    def generation(self) -> int:
+        """Counter bumped by every add and remove; derived files (the task index) record it."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return 0 if row is None else int(row[0])
+
     # -- writing ----------------------------------------------------------------------
     def _require_writable(self) -> None:
         if self.readonly:
-            raise RegistryError(f"Registry {str(self.path)!r} is open read-only.")
+            raise RegistryError(f"Registry {str(self.path)!r} is open read-only; open it with "
+                                "Registry(path, 'w') to change it.")
+
+    @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """Hold the registry's write lock (re-entrant in one thread). A build holds it
+        for its whole run, so a second build waits, then skips what the first added."""
+        self._require_writable()
+        with _write_lock(self.path, timeout=self.lock_timeout):
+            yield
 
     def add(
         self,
@@ -307,134 +694,332 @@ class Registry:
 
         ``model_dir``: a folder holding the fine-tuned source model to keep; it is
         moved into the registry.
+
+        Raises
+        ------
+        RegistryError
+            For an invalid id, an id already present, or a folder of that name that
+            the registry does not know (it is left alone).
+        ESMFormatError
+            When the weights hold NaN or inf.
         """
         self._require_writable()
-        if esm_id in self:
-            raise RegistryError(f"ESM {esm_id!r} is already in the registry; remove it first.")
-        staging = self.path / STAGING_DIR / f"{esm_id}-{uuid.uuid4().hex[:8]}"
+        check_esm_id(esm_id)
+        check_finite(esm, what=f"ESM {esm_id!r}")
+        with self.write_lock():
+            if esm_id in self:
+                raise RegistryError(f"ESM {esm_id!r} is already in the registry; remove it "
+                                    "first.")
+            final, model_final = self.esm_dir(esm_id), self._model_path(esm_id)
+            for dest in (final, model_final):
+                if dest.exists() or dest.is_symlink():
+                    raise RegistryError(
+                        f"Cannot add ESM {esm_id!r}: {dest} exists but has no row; it was left "
+                        "alone. Inspect it (`stepstone registry verify`), then move it away or "
+                        f"add it with {_REPAIR_HINT.format(path=self.path)}.")
+            name = f"{esm_id}-{uuid.uuid4().hex[:8]}"
+            staging = self.path / STAGING_DIR / name
+            cfg = esm.config
+            enc = cfg.encoder_identity
+            vec = None if task_vector is None else np.asarray(task_vector, np.float32).tobytes()
+            row = (esm_id, cfg.task_id, enc.name, enc.fingerprint, enc.pooling, enc.max_length,
+                   enc.layer, cfg.in_dim, cfg.out_dim, cfg.architecture, cfg.num_examples,
+                   cfg.label_kind, len(cfg.classes), settings_key, "", 0,
+                   int(model_dir is not None), cfg.created, vec, name, "add")
+            # Recorded before the first file is written: recovery only ever touches
+            # staging folders a pending row names.
+            with self.conn:
+                self.conn.execute(
+                    f"INSERT INTO pending ({_COLS}, {', '.join(_PENDING_EXTRA)}) VALUES "
+                    f"({', '.join('?' * len(row))})", row)
+            try:
+                self._write_staged(esm, esm_id, staging, final, model_final, profile=profile,
+                                   model_dir=model_dir)
+            except BaseException:
+                self._recover_one(esm_id)
+                raise
+        return self.get(esm_id)
+
+    def _write_staged(self, esm: EmbeddingSpaceMap, esm_id: str, staging: Path, final: Path,
+                      model_final: Path, *, profile: dict[str, Any] | None,
+                      model_dir: Path | None) -> None:
         esm.save(staging / ESM_DIR)
         if profile is not None:
             (staging / ESM_DIR / PROFILE_NAME).write_text(json.dumps(profile, sort_keys=True))
         if model_dir is not None:
             shutil.move(str(model_dir), staging / MODEL_DIR)
+        _normalise_modes(staging)
         _fsync_tree(staging)
         checksum, size = folder_checksum(staging / ESM_DIR)
-        cfg = esm.config
-        enc = cfg.encoder_identity
-        vec = None if task_vector is None else np.asarray(task_vector, np.float32).tobytes()
-        row = (esm_id, cfg.task_id, enc.name, enc.fingerprint, enc.pooling, enc.max_length,
-               enc.layer, cfg.in_dim, cfg.out_dim, cfg.architecture, cfg.num_examples,
-               cfg.label_kind, len(cfg.classes), settings_key, checksum, size,
-               int(model_dir is not None), cfg.created, vec)
-        marks = ", ".join("?" * len(_COLUMNS))
-        with self._conn:
-            self._conn.execute(f"INSERT INTO pending VALUES ({marks})", row)
-        final = self.esm_dir(esm_id)
-        for sub, dest in ((ESM_DIR, final), (MODEL_DIR, self.path / MODEL_DIR / esm_id)):
+        with self.conn:
+            self.conn.execute("UPDATE pending SET checksum = ?, size_bytes = ? WHERE id = ?",
+                              (checksum, size, esm_id))
+        # The model moves first: the ESM folder's arrival is what recovery finishes on.
+        for sub, dest in ((MODEL_DIR, model_final), (ESM_DIR, final)):
             if (staging / sub).exists():
-                if dest.exists():  # an orphan from an interrupted removal
-                    shutil.rmtree(dest)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(staging / sub, dest)
-        shutil.rmtree(staging, ignore_errors=True)
-        with self._conn:
-            self._conn.execute("INSERT INTO esms SELECT * FROM pending WHERE id = ?", (esm_id,))
-            self._conn.execute("DELETE FROM pending WHERE id = ?", (esm_id,))
+                _fsync_dir(dest.parent)
+        shutil.rmtree(staging)
+        self._rmdir_staging()
+        with self.conn:
+            self.conn.execute(f"INSERT INTO esms ({_COLS}) SELECT {_COLS} FROM pending "
+                              "WHERE id = ?", (esm_id,))
+            self.conn.execute("DELETE FROM pending WHERE id = ?", (esm_id,))
             self._bump_generation()
-        return self.get(esm_id)
 
     def remove(self, esm_id: str) -> None:
-        """Remove an ESM (row first, then its files)."""
+        """Remove an ESM: its row goes (recorded as a pending removal in the same
+        transaction), then its files."""
         self._require_writable()
-        self.get(esm_id)
-        with self._conn:
-            self._conn.execute("DELETE FROM esms WHERE id = ?", (esm_id,))
-            self._bump_generation()
-        for folder in (self.esm_dir(esm_id), self.path / MODEL_DIR / esm_id):
-            shutil.rmtree(folder, ignore_errors=True)
+        check_esm_id(esm_id)
+        with self.write_lock():
+            self.get(esm_id)
+            self.esm_dir(esm_id)  # both refuse a path that leaves the registry
+            self._model_path(esm_id)
+            with self.conn:
+                self.conn.execute(
+                    f"INSERT INTO pending ({_COLS}, {', '.join(_PENDING_EXTRA)}) SELECT {_COLS}, "
+                    "NULL, 'remove' FROM esms WHERE id = ?", (esm_id,))
+                self.conn.execute("DELETE FROM esms WHERE id = ?", (esm_id,))
+                self._bump_generation()
+            self._recover_one(esm_id)
 
     def _bump_generation(self) -> None:
-        self._conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
-                           "WHERE key = 'generation'")
+        self.conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                          "WHERE key = 'generation'")
 
-    @property
-    def generation(self) -> int:
-        """Counter bumped by every add and remove; derived files (the task index) record it."""
-        row = self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-        return 0 if row is None else int(row[0])
+    def _rmdir_staging(self) -> None:
+        try:
+            (self.path / STAGING_DIR).rmdir()
+        except OSError:  # not empty (another recorded addition) or absent
+            pass
 
-    def _recover(self) -> None:
-        """Finish interrupted adds whose files are complete; drop leftovers of the rest."""
-        pending = [_row_to_entry(r) for r in self._conn.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM pending")]
-        for entry in pending:
-            folder = self.esm_dir(entry.id)
-            if folder.exists() and folder_checksum(folder)[0] == entry.checksum:
-                logger.warning("Registry: completing the interrupted addition of %r.", entry.id)
-                with self._conn:
-                    self._conn.execute("INSERT OR REPLACE INTO esms SELECT * FROM pending "
-                                       "WHERE id = ?", (entry.id,))
-                    self._conn.execute("DELETE FROM pending WHERE id = ?", (entry.id,))
-                    self._bump_generation()
-            else:
-                logger.warning("Registry: discarding the interrupted addition of %r.", entry.id)
-                with self._conn:
-                    self._conn.execute("DELETE FROM pending WHERE id = ?", (entry.id,))
-        shutil.rmtree(self.path / STAGING_DIR, ignore_errors=True)
-        known = {r[0] for r in self._conn.execute("SELECT id FROM esms")}
-        for sub in (ESM_DIR, MODEL_DIR):
-            root = self.path / sub
-            if root.exists():
-                for folder in root.iterdir():
-                    if folder.name not in known:
-                        logger.warning("Registry: removing orphan folder %s.", folder)
-                        shutil.rmtree(folder, ignore_errors=True)
+    def _delete_folder(self, folder: Path) -> None:
+        if folder.is_symlink():
+            folder.unlink()
+        elif folder.exists():
+            shutil.rmtree(folder)
+
+    def _recover(self) -> list[str]:
+        """Finish or undo every pending operation (under the write lock); returns what
+        was done, one line each."""
+        ids = [r[0] for r in self.conn.execute("SELECT id FROM pending")]
+        done = [self._recover_one(i) for i in ids]
+        self._rmdir_staging()
+        return [d for d in done if d]
+
+    def _recover_one(self, esm_id: str) -> str:
+        """Finish or undo the pending operation on ``esm_id``: only the staging folder it
+        names, and the id's own folders when the operation put them there."""
+        row = self.conn.execute(
+            f"SELECT {_COLS}, {', '.join(_PENDING_EXTRA)} FROM pending WHERE id = ?",
+            (esm_id,)).fetchone()
+        if row is None:
+            return ""
+        if not is_valid_id(esm_id):
+            logger.error("Registry %s: a pending row has the unsafe id %r; left alone (see "
+                         "`stepstone registry verify`).", self.path, esm_id)
+            return ""
+        entry = _row_to_entry(row[:len(_COLUMNS)])
+        staging_name, op = row[len(_COLUMNS):]
+        staging = None
+        if isinstance(staging_name, str) and staging_name.startswith(esm_id + "-") and \
+                _TOKEN_RE.fullmatch(staging_name[len(esm_id) + 1:]):
+            staging = self.path / STAGING_DIR / staging_name
+        try:
+            final, model_final = self.esm_dir(esm_id), self._model_path(esm_id)
+        except RegistryError as err:
+            logger.error("Registry %s: pending operation on %r left alone: %s", self.path,
+                         esm_id, err)
+            return ""
+        if op == "remove":
+            for folder in (final, model_final):
+                self._delete_folder(folder)
+            message = f"finished the interrupted removal of {esm_id!r}"
+        elif (entry.checksum and final.is_dir() and esm_id not in self
+              and folder_checksum(final)[0] == entry.checksum):
+            with self.conn:
+                self.conn.execute(f"INSERT INTO esms ({_COLS}) SELECT {_COLS} FROM pending "
+                                  "WHERE id = ?", (esm_id,))
+                self.conn.execute("DELETE FROM pending WHERE id = ?", (esm_id,))
+                self._bump_generation()
+            message = f"completed the interrupted addition of {esm_id!r}"
+        else:
+            # add() refuses when either folder exists, so a model folder under this id
+            # without a row was moved there by this very addition.
+            if op == "add" and entry.has_model and esm_id not in self:
+                self._delete_folder(model_final)
+            if final.exists() and esm_id not in self:
+                logger.warning("Registry %s: %s does not match the interrupted addition it "
+                               "belongs to; left alone (see `stepstone registry verify`).",
+                               self.path, final)
+            message = f"discarded the interrupted addition of {esm_id!r}"
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging)
+        with self.conn:
+            self.conn.execute("DELETE FROM pending WHERE id = ?", (esm_id,))
+        self._rmdir_staging()
+        logger.warning("Registry %s: %s.", self.path, message)
+        return message
 
     # -- checking ---------------------------------------------------------------------
     def verify(self) -> VerifyReport:
-        """Check every checksum, that every row has its files and every folder its row."""
+        """Check every row's id, files, checksum, config and weights, that every folder
+        has its row, and that nothing is left pending. Changes nothing."""
         problems: list[str] = []
+        notes: list[str] = []
+        ids = [r[0] for r in self.conn.execute("SELECT id FROM esms ORDER BY id")]
+        bad_ids = [i for i in ids if not is_valid_id(i)]
+        problems += [f"row with unsafe id {i!r}: not a valid ESM id, its files are not read "
+                     f"(drop the row with {_REPAIR_HINT.format(path=self.path)})"
+                     for i in bad_ids]
         entries = self.entries()
         known = {e.id for e in entries}
         for e in entries:
-            folder = self.esm_dir(e.id)
+            try:
+                folder, model = self.esm_dir(e.id), self._model_path(e.id)
+            except RegistryError as err:
+                problems.append(f"{e.id}: {err}")
+                continue
             if not folder.is_dir():
                 problems.append(f"{e.id}: row without folder {folder}")
                 continue
-            for name in (CONFIG_NAME, WEIGHTS_NAME):
-                if not (folder / name).is_file():
-                    problems.append(f"{e.id}: missing {name}")
+            missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
+            problems += [f"{e.id}: missing {name}" for name in missing]
             checksum, _ = folder_checksum(folder)
             if checksum != e.checksum:
                 problems.append(f"{e.id}: checksum mismatch (row {e.checksum[:12]}, files "
                                 f"{checksum[:12]})")
                 continue
-            try:
-                ESMConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
-            except (ESMFormatError, ValueError, TypeError) as err:
-                problems.append(f"{e.id}: unreadable config ({err})")
-            if e.has_model and not (self.path / MODEL_DIR / e.id).is_dir():
+            if not missing:
+                try:
+                    check_finite(EmbeddingSpaceMap.load(folder), what="its ESM")
+                except (ESMFormatError, ValueError, TypeError, KeyError, RuntimeError) as err:
+                    problems.append(f"{e.id}: unreadable ESM ({err})")
+            if e.has_model and not model.is_dir():
                 problems.append(f"{e.id}: row says a source model is kept but "
                                 f"{MODEL_DIR}/{e.id} is missing")
-        for sub in (ESM_DIR, MODEL_DIR):
-            root = self.path / sub
-            if root.exists():
-                problems += [f"{sub}/{f.name}: folder without row" for f in root.iterdir()
-                             if f.name not in known]
-        n_pending = self._conn.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
-        if n_pending:
-            problems.append(f"{n_pending} interrupted addition(s) pending; open the registry "
-                            "for writing to finish or discard them")
-        return VerifyReport(len(entries), problems)
+        for rel in _present_entries(self.path):
+            name = rel.split("/", 1)[1]
+            if name not in known:
+                kind = "folder" if (self.path / rel).is_dir() else "file"
+                problems.append(f"{rel}: {kind} without row (left alone; "
+                                f"{_REPAIR_HINT.format(path=self.path)} adds ESM folders)")
+        # Registries written before pending rows named their staging folder lack the column.
+        cols = {r[1] for r in self.conn.execute("PRAGMA table_info(pending)")}
+        pending = {r[0]: r[1] for r in self.conn.execute(
+            f"SELECT id, {'staging' if 'staging' in cols else 'NULL'} FROM pending")}
+        # A writer verifying under its own lock has nothing in flight but what it reports.
+        ours = not self.readonly and (
+            str((self.path / LOCK_NAME).resolve()), threading.get_ident()) in _HELD
+        if pending and not ours and _writer_active(self.path):
+            notes.append(f"a writer is adding or removing {sorted(pending)} right now")
+        else:
+            problems += [f"{i}: interrupted operation pending; open the registry for writing "
+                         f"(e.g. {_REPAIR_HINT.format(path=self.path)}) to finish or discard it"
+                         for i in sorted(pending)]
+        staging = self.path / STAGING_DIR
+        if staging.is_dir():
+            problems += [f"{STAGING_DIR}/{p.name}: not a pending addition (left alone)"
+                         for p in sorted(staging.iterdir()) if p.name not in pending.values()]
+        return VerifyReport(len(entries), problems, notes)
 
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def __enter__(self) -> Registry:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def repair_registry(path: str | Path, *, lock_timeout: float | None = None) -> RepairReport:
+    """Make a registry consistent again without deleting anything it does not own.
+
+    Under the write lock: finish or undo interrupted operations; when
+    ``registry.sqlite`` is missing or empty, create it; add a row for every ESM folder
+    in ``esms/`` that has none (its config must load and its weights be finite; the
+    checksum is recomputed; a ``models/<id>`` folder next to it is recorded as its
+    kept model); drop rows whose id is unsafe (their files are never touched). Rows
+    without files, stray files and folders that are not ESMs are reported in
+    ``remaining`` and left as they are.
+
+    Raises
+    ------
+    RegistryError
+        When ``path`` is not a folder, or ``registry.sqlite`` exists but is not a
+        registry database (move it aside first).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise RegistryError(f"No registry folder at {str(path)!r}.")
+    report = RepairReport()
+    with _write_lock(path, timeout=lock_timeout):
+        db = path / DB_NAME
+        if not db.exists() or db.stat().st_size == 0:
+            db.unlink(missing_ok=True)  # an empty file holds nothing
+            with sqlite3.connect(db) as conn:
+                conn.executescript(_SCHEMA)
+            report.created_manifest = True
+        reg = Registry(path, "w", lock_timeout=lock_timeout)
+        try:
+            report.recovered = reg._recover()
+            bad = [r[0] for r in reg.conn.execute("SELECT id FROM esms")
+                   if not is_valid_id(r[0])]
+            with reg.conn:
+                for esm_id in bad:
+                    reg.conn.execute("DELETE FROM esms WHERE id = ?", (esm_id,))
+                if bad:
+                    reg._bump_generation()
+            report.removed_rows = bad
+            known = {e.id for e in reg.entries()}
+            root = path / ESM_DIR
+            for folder in sorted(root.iterdir()) if root.is_dir() else []:
+                if folder.name in known:
+                    continue
+                why = _add_from_folder(reg, folder)
+                if why:
+                    report.refused[f"{ESM_DIR}/{folder.name}"] = why
+                else:
+                    report.added.append(folder.name)
+            report.remaining = [p for p in reg.verify().problems
+                                if not any(p.startswith(r) for r in report.refused)]
+        finally:
+            reg.close()
+    return report
+
+
+def _add_from_folder(reg: Registry, folder: Path) -> str:
+    """Add a row for an ESM folder that has none; returns why not, or ''."""
+    if folder.is_symlink() or not folder.is_dir():
+        return "not an ESM folder (a file or a link); left alone"
+    if not is_valid_id(folder.name):
+        return "its name is not a valid ESM id; left alone"
+    if not (folder / CONFIG_NAME).is_file():
+        return f"no {CONFIG_NAME}: not an ESM folder; left alone"
+    try:
+        esm = EmbeddingSpaceMap.load(folder)
+        check_finite(esm, what="its ESM")
+    except (ESMFormatError, ValueError, TypeError, KeyError, RuntimeError, OSError) as err:
+        return f"unreadable ESM ({type(err).__name__}: {err}); left alone"
+    cfg = esm.config
+    enc = cfg.encoder_identity
+    checksum, size = folder_checksum(folder)
+    model = reg.path / MODEL_DIR / folder.name
+    has_model = model.is_dir() and not model.is_symlink()
+    row = (folder.name, cfg.task_id, enc.name, enc.fingerprint, enc.pooling, enc.max_length,
+           enc.layer, cfg.in_dim, cfg.out_dim, cfg.architecture, cfg.num_examples,
+           cfg.label_kind, len(cfg.classes), REBUILT_KEY_PREFIX + checksum, checksum, size,
+           int(has_model), cfg.created or new_created(), None)
+    with reg.conn:
+        reg.conn.execute(f"INSERT INTO esms ({_COLS}) VALUES ({', '.join('?' * len(row))})",
+                         row)
+        reg._bump_generation()
+    return ""
 
 
 def same_encoder(a: EncoderIdentity, b: EncoderIdentity) -> bool:
@@ -461,8 +1046,7 @@ def default_registry_path() -> Path:
     return Path(__file__).resolve().parent / "default_registry"
 
 
-def open_registry(path: str | Path | None = None) -> Registry:
-    """Open ``path``, or the default registry read-only when ``path`` is None."""
-    if path is None:
-        return Registry(default_registry_path(), readonly=True)
-    return Registry(path)
+def open_registry(path: str | Path | None = None, mode: Literal["r", "w"] = "r") -> Registry:
+    """Open ``path`` (default: the shipped or ``$STEPSTONE_REGISTRY`` registry), read-only
+    unless ``mode="w"``."""
+    return Registry(default_registry_path() if path is None else path, mode)

@@ -14,7 +14,6 @@ one writer.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -33,6 +32,7 @@ from stepstone.esm.cache import EmbeddingCache
 from stepstone.esm.catalog import builtin_ids, is_available
 from stepstone.esm.data import BUILTIN_PREFIX, DataError, Task, load_task, token_counts
 from stepstone.esm.encoder import Encoder, EncoderMismatchError, load_encoder
+from stepstone.esm.errors import ConfigError
 from stepstone.esm.model import (
     ARCHITECTURES,
     EmbeddingSpaceMap,
@@ -41,7 +41,7 @@ from stepstone.esm.model import (
     check_fit,
     fit_esm,
 )
-from stepstone.esm.registry import STAGING_DIR, Registry, RegistryEntry
+from stepstone.esm.registry import Registry, RegistryEntry, esm_id_for
 from stepstone.finetune.executor import ExecutorSettings, Job, job_device, make_executor
 from stepstone.finetune.train import (
     FinetuneSettings,
@@ -72,22 +72,26 @@ class BuildSettings:
         default=False, metadata={"help": "Also store the fine-tuned source encoder + head."})
     exit_layers: tuple[int, ...] = field(
         default=(), metadata={"help": "Also fit ESMs from these early-exit layers' embeddings."})
+    require_fit: bool = field(
+        default=True, metadata={"help": "Fail a source whose ESM predicts the tuned embeddings "
+                                        "worse than the identity map (held-out pairs)."})
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"'architecture' must be one of {list(ARCHITECTURES)}; "
-                             f"got {self.architecture!r}.")
+            raise ConfigError(f"'architecture' must be one of {list(ARCHITECTURES)}; "
+                              f"got {self.architecture!r}.")
         self.exit_layers = tuple(int(k) for k in self.exit_layers)
         if any(k < 1 for k in self.exit_layers):
-            raise ValueError(f"'exit_layers' must be positive; got {self.exit_layers}.")
+            raise ConfigError(f"'exit_layers' must be positive; got {self.exit_layers}.")
         if self.max_examples is not None and self.max_examples < 2:
-            raise ValueError(f"'max_examples' must be >= 2 or None; got {self.max_examples}.")
+            raise ConfigError(f"'max_examples' must be >= 2 or None; got {self.max_examples}.")
 
     def key_dict(self) -> dict[str, Any]:
         """The settings that change the ESM (``keep_models`` does not)."""
         d = dataclasses.asdict(self)
         d.pop("keep_models")
         d.pop("exit_layers")  # each layer's ESM is keyed by its own encoder identity
+        d.pop("require_fit")  # decides whether an ESM is kept, not what it is
         d["esm_fit"] = self.esm_fit.key_dict()
         return d
 
@@ -208,9 +212,7 @@ def fit_source(
         return SourceArtifacts(task.task_id)
     capped = task.subsample(max_train=settings.max_examples, max_test=settings.max_eval,
                             seed=settings.finetune.seed)
-    tuned_encoder = Encoder(copy.deepcopy(encoder.model), encoder.tokenizer,
-                            name=encoder.name, pooling=encoder.pooling,
-                            max_length=encoder.max_length, device=encoder.device)
+    tuned_encoder = encoder.copy()
     # Seed the head init too, so a source builds the same in any process (a Ray
     # worker, a resumed build) whatever the global RNG went through before.
     with torch.random.fork_rng(devices=[]):
@@ -240,7 +242,8 @@ def fit_source(
         esm, fit = fit_esm(base, tuned, architecture=settings.architecture, rank=settings.rank,
                            hidden_dim=settings.hidden_dim, settings=settings.esm_fit,
                            config=config)
-        check_fit(fit, what=f"source {task.task_id!r}")
+        if settings.require_fit:
+            check_fit(fit, what=f"source {task.task_id!r}")
         esm.config.metrics.update(metrics)
         mean = base.astype(np.float64).mean(0)
         task_vector = (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
@@ -250,7 +253,7 @@ def fit_source(
                 save_task_model(model, tmp, label_kind=task.label_kind,
                                 classes=task.classes)
                 model_files = _read_files(Path(tmp))
-        out.esms.append(FittedESM(f"{task.task_id}-{key[:8]}", key, esm.cpu(), task_vector,
+        out.esms.append(FittedESM(esm_id_for(task.task_id, key), key, esm.cpu(), task_vector,
                                   profile, model_files))
     out.seconds = time.perf_counter() - start
     return out
@@ -263,12 +266,11 @@ def add_source(registry: Registry, artifacts: SourceArtifacts) -> list[RegistryE
     same source listed twice) is left out.
     """
     added = []
-    staging = registry.path / STAGING_DIR
     for fitted in artifacts.esms:
         if registry.find(fitted.settings_key) is not None:
             continue
-        staging.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=staging) as tmp:
+        # Outside the registry: its .staging holds only what pending rows name.
+        with tempfile.TemporaryDirectory() as tmp:
             model_dir = None
             if fitted.model_files is not None:
                 model_dir = Path(tmp) / "model"
@@ -411,7 +413,7 @@ def build_registry(
     """
     settings = settings or BuildSettings()
     executor = executor or ExecutorSettings()
-    reg = registry if isinstance(registry, Registry) else Registry(registry, create=True)
+    reg = registry if isinstance(registry, Registry) else Registry(registry, "w", create=True)
     report = BuildReport()
     start = time.perf_counter()
     items = expand_sources(sources)
@@ -428,14 +430,16 @@ def build_registry(
     shared: dict[str, Any] = {
         "encoder": EncoderSpec.of(encoder) if remote else encoder,
         "settings": settings,
-        "skip": frozenset(e.settings_key for e in reg.entries()) if remote
-        else _RegistryKeys(reg),
+        "skip": _RegistryKeys(reg),  # remote: a snapshot, taken under the lock below
         "cache": (str(cache.directory) if cache is not None else None) if remote else cache,
         "task_options": dict(task_options or {}),
         "progress": progress and not remote,
     }
-    with make_executor(executor) as ex:
+    # The write lock for the whole build: a second build waits here, then its live
+    # skip check (_RegistryKeys) finds what this one added before fine-tuning anything.
+    with reg.write_lock(), make_executor(executor) as ex:
         if remote:
+            shared["skip"] = frozenset(e.settings_key for e in reg.entries())
             _check_worker_encoder(ex, shared["encoder"])
         for result in ex.map(source_job, jobs, shared=shared, catch=_REPORTED,
                              progress=progress, desc="sources", unit="source"):

@@ -35,7 +35,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from stepstone.esm.errors import StepstoneError
+from stepstone.esm.errors import ConfigError, StepstoneError
 
 logger = logging.getLogger(__name__)
 
@@ -74,23 +74,23 @@ class ExecutorSettings:
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
-            raise ValueError(f"'executor' must be one of {list(EXECUTORS)}; "
-                             f"got {self.executor!r}.")
+            raise ConfigError(f"'executor' must be one of {list(EXECUTORS)}; "
+                              f"got {self.executor!r}.")
         if self.num_workers is not None and self.num_workers < 1:
-            raise ValueError(f"'num_workers' must be >= 1 or None; got {self.num_workers}.")
+            raise ConfigError(f"'num_workers' must be >= 1 or None; got {self.num_workers}.")
         if self.cpus_per_job <= 0:
-            raise ValueError(f"'cpus_per_job' must be > 0; got {self.cpus_per_job}.")
+            raise ConfigError(f"'cpus_per_job' must be > 0; got {self.cpus_per_job}.")
         if self.gpus_per_job is not None and self.gpus_per_job < 0:
-            raise ValueError(f"'gpus_per_job' must be >= 0 or None; got {self.gpus_per_job}.")
+            raise ConfigError(f"'gpus_per_job' must be >= 0 or None; got {self.gpus_per_job}.")
         if self.max_retries < 0:
-            raise ValueError(f"'max_retries' must be >= 0; got {self.max_retries}.")
+            raise ConfigError(f"'max_retries' must be >= 0; got {self.max_retries}.")
         if self.executor == "local":
             ray_only = {k: getattr(self, k) for k in ("ray_address", "num_workers",
                                                       "gpus_per_job")
                         if getattr(self, k) is not None}
             if ray_only:
-                raise ValueError(f"{sorted(ray_only)} only apply to executor='ray'; got "
-                                 f"executor='local' with {ray_only}.")
+                raise ConfigError(f"{sorted(ray_only)} only apply to executor='ray'; got "
+                                  f"executor='local' with {ray_only}.")
 
 
 @dataclass(frozen=True)
@@ -233,11 +233,11 @@ class RayExecutor:
         self.num_gpus = (1.0 if gpus >= 1 else 0.0) if s.gpus_per_job is None \
             else float(s.gpus_per_job)
         if self.num_gpus > gpus:
-            raise ValueError(f"gpus_per_job={self.num_gpus} but the Ray cluster has {gpus:g} "
-                             "GPU(s); every job would wait forever.")
+            raise ConfigError(f"gpus_per_job={self.num_gpus} but the Ray cluster has {gpus:g} "
+                              "GPU(s); every job would wait forever.")
         if s.cpus_per_job > cpus:
-            raise ValueError(f"cpus_per_job={s.cpus_per_job} but the Ray cluster has {cpus:g} "
-                             "CPU(s); every job would wait forever.")
+            raise ConfigError(f"cpus_per_job={s.cpus_per_job} but the Ray cluster has {cpus:g} "
+                              "CPU(s); every job would wait forever.")
         capacity = int(cpus // s.cpus_per_job)
         if self.num_gpus > 0:
             capacity = min(capacity, int(gpus // self.num_gpus))

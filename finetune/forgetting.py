@@ -126,27 +126,18 @@ def linear_probe(encoder, train, test, *, label_kind: str) -> float:
     return float(np.corrcoef(pred, test.labels)[0, 1])
 
 
-@torch.inference_mode()
 def layer_representations(encoder, texts, *, batch_size: int = 64) -> list[np.ndarray]:
-    """Mean-pooled hidden states after the embeddings and after each layer.
+    """Mean-pooled hidden states after the embeddings and after each layer (the masked
+    mean whatever the encoder's own pooling; :meth:`~stepstone.esm.encoder.Encoder.pooled_layers`).
 
     Returns ``num_layers + 1`` float64 arrays of shape (n, dim).
     """
-    encoded = encoder.tokenize(list(texts))
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
-    out: list[list[np.ndarray]] | None = None
-    for start in range(0, len(texts), batch_size):
-        feats = [{k: encoded[k][i] for k in keys}
-                 for i in range(start, min(start + batch_size, len(texts)))]
-        batch = dict(encoder.tokenizer.pad(feats, padding="longest", return_tensors="pt"))
-        hidden = encoder.model(**batch, output_hidden_states=True).hidden_states
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden[0].dtype)
-        pooled = [((h * mask).sum(1) / mask.sum(1)).double().numpy() for h in hidden]
-        out = [[p] for p in pooled] if out is None else [o + [p] for o, p in zip(out, pooled,
-                                                                                   strict=True)]
-    if out is None:
+    batches = [[p.double().cpu().numpy() for p in pooled]
+               for pooled in encoder.pooled_layers(list(texts), batch_size=batch_size,
+                                                   pooling="mean")]
+    if not batches:
         raise ValueError("layer_representations needs at least one text.")
-    return [np.concatenate(chunks) for chunks in out]
+    return [np.concatenate(depth) for depth in zip(*batches, strict=True)]
 
 
 def layer_cka(reference, tuned, texts) -> dict[str, float]:

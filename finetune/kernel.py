@@ -46,8 +46,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stepstone.esm.data import Split, Task
-from stepstone.esm.encoder import Encoder, find_layer_list
-from stepstone.esm.errors import StepstoneError
+from stepstone.esm.encoder import Encoder, find_layer_list, pad_batch
+from stepstone.esm.errors import ConfigError, StepstoneError
 from stepstone.finetune.train import FinetuneSettings, TaskModel, evaluate, finetune
 from stepstone.selection.scorers import Scorer, Scores, register_scorer, score_kept_models
 
@@ -145,10 +145,15 @@ class Formulation(nn.Module):
         raise NotImplementedError
 
     def collate(self, inputs: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Batched tensors on :attr:`device`."""
         raise NotImplementedError
 
     def lengths(self, inputs: Sequence[Any]) -> np.ndarray:
         return np.ones(len(inputs))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @contextmanager
     def kernel_mode(self) -> Iterator[None]:
@@ -194,7 +199,7 @@ class TensorFormulation(Formulation):
     def collate(self, inputs) -> dict[str, torch.Tensor]:
         dtype = next(self.model.parameters()).dtype
         return {"x": torch.as_tensor(np.asarray(inputs) if not isinstance(inputs, torch.Tensor)
-                                     else inputs, dtype=dtype)}
+                                     else inputs, dtype=dtype, device=self.device)}
 
     def forward(self, example: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(example["x"][None])[0]
@@ -203,11 +208,6 @@ class TensorFormulation(Formulation):
 class _TextFormulation(Formulation):
     tokenizer: Any
     max_length: int
-
-    def _token_dict(self, encoded: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
-        feats = [{k: encoded[k][i] for k in keys} for i in range(len(encoded["input_ids"]))]
-        return dict(self.tokenizer.pad(feats, padding="longest", return_tensors="pt"))
 
     def _run(self, example: dict[str, torch.Tensor], model: nn.Module):
         kwargs = {"input_ids": example["input_ids"][None],
@@ -247,7 +247,7 @@ class ClassifierFormulation(_TextFormulation):
         return np.array([len(x) for x in self.encoder.tokenize(list(inputs))["input_ids"]])
 
     def collate(self, inputs) -> dict[str, torch.Tensor]:
-        return self._token_dict(self.encoder.tokenize(list(inputs)))
+        return self.encoder.collate(list(inputs))
 
     def forward(self, example: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self._run(example, self.model.backbone)
@@ -324,7 +324,7 @@ class PromptFormulation(_TextFormulation):
         return np.array([len(r) for r in self._encode(inputs)["input_ids"]])
 
     def collate(self, inputs) -> dict[str, torch.Tensor]:
-        batch = self._token_dict(self._encode(inputs))
+        batch = pad_batch(self.tokenizer, self._encode(inputs), device=self.device)
         batch["mask_pos"] = (batch["input_ids"] == self.tokenizer.mask_token_id).long().argmax(1)
         return batch
 
@@ -518,7 +518,7 @@ def compute_kernel(
                 held_idx.append(cols[idx])
                 for name, g in grads.items():
                     held.setdefault(name, []).append(g)
-                f0_train[cols[idx]] = out.double().numpy()
+                f0_train[cols[idx]] = out.double().cpu().numpy()
                 bar.update(len(idx))
                 done += len(idx)
             col_idx = np.concatenate(held_idx)
@@ -526,7 +526,8 @@ def compute_kernel(
             del held
             col_feats = _apply(G, col_signed, sign_eps)
             row_feats = _apply(G, row_signed, sign_eps)
-            K_train[np.ix_(np.arange(C), col_idx, col_idx)] = _dot(row_feats, col_feats).numpy()
+            K_train[np.ix_(np.arange(C), col_idx, col_idx)] = \
+                _dot(row_feats, col_feats).cpu().numpy()
             # 2. every other training row against this block (recomputed), then eval rows
             others = np.setdiff1d(np.arange(n), cols)
             for rows_all, lens, target, f0 in (
@@ -540,9 +541,9 @@ def compute_kernel(
                     grads, out = source(items)
                     r = rows_all[idx]
                     target[np.ix_(np.arange(C), r, col_idx)] = _dot(
-                        _apply(grads, row_signed, sign_eps), col_feats).numpy()
+                        _apply(grads, row_signed, sign_eps), col_feats).cpu().numpy()
                     if f0 is not None:
-                        f0[r] = out.double().numpy()
+                        f0[r] = out.double().cpu().numpy()
                     bar.update(len(idx))
                     done += len(idx)
             del G, col_feats, row_feats
@@ -669,7 +670,7 @@ class KernelLogistic:
         s, V = np.linalg.eigh(_symmetric(_check_kernel(K, "K")))
         keep = s > self.tol * max(s.max(), 0.0)
         if not keep.any():
-            raise ValueError("The kernel has no positive eigenvalue; cannot fit.")
+            raise KernelError("The kernel has no positive eigenvalue; cannot fit.")
         self.basis_ = V[:, keep] / np.sqrt(s[keep])
         features = V[:, keep] * np.sqrt(s[keep])
         self.model_ = LogisticRegression(C=self.C, max_iter=5000).fit(features, labels)
@@ -745,7 +746,7 @@ def solve(km: KernelMatrices, labels: np.ndarray, *, label_kind: str,
     C = km.train.shape[0]
     if label_kind == "regression":
         if settings.solver != "regression":
-            raise ValueError(f"A regression target needs solver='regression'; got "
+            raise KernelError(f"A regression target needs solver='regression'; got "
                              f"{settings.solver!r}.")
         reg = KernelRegression(ridge=settings.ridge, fit_residual=settings.fit_residual)
         reg.fit(km.train, np.asarray(labels, dtype=np.float64)[:, None], f0=km.f0_train)
@@ -777,7 +778,7 @@ def kernel_metrics(pred: np.ndarray, labels: np.ndarray, label_kind: str) -> dic
 def few_shot(split: Split, shots: int, *, label_kind: str, seed: int = 0) -> Split:
     """``shots`` examples per class (all of a smaller class), seeded; regression: ``shots``."""
     if shots < 1:
-        raise ValueError(f"'shots' must be >= 1; got {shots}.")
+        raise ConfigError(f"'shots' must be >= 1; got {shots}.")
     rng = np.random.default_rng(seed)
     if label_kind == "regression":
         idx = rng.choice(len(split), size=min(shots, len(split)), replace=False)
@@ -939,8 +940,7 @@ def source_encoder(
     task_id = source.removeprefix(BUILTIN_PREFIX)
     if source.startswith(BUILTIN_PREFIX) or task_id in builtin_ids():
         task = load_builtin(task_id).subsample(max_train=max_examples, seed=0)
-        tuned = Encoder(copy.deepcopy(encoder.model), encoder.tokenizer, name=encoder.name,
-                        pooling=encoder.pooling, max_length=encoder.max_length)
+        tuned = encoder.copy()
         ft = settings or FinetuneSettings()
         torch.manual_seed(ft.seed)
         model = TaskModel(tuned, task.num_labels, dropout=ft.dropout)
@@ -954,7 +954,7 @@ def source_encoder(
                           "without --keep-models); pass a built-in task id to fine-tune the "
                           "source here instead.")
     return load_encoder(str(folder / "encoder"), pooling=encoder.pooling,
-                        max_length=encoder.max_length)
+                        max_length=encoder.max_length, device=str(encoder.device))
 
 
 # -- the transferability scorer ----------------------------------------------------------
@@ -970,12 +970,14 @@ class KernelScorer(Scorer):
     """
 
     name: ClassVar[str] = "kernel"
+    options: ClassVar[tuple[str, ...]] = ("shots", "eval_examples", "seed", "kernel", "params",
+                                          "include_head", "solver", "ridge", "prefilter")
 
     def __init__(self, *, shots: int = 16, eval_examples: int = 200, seed: int = 0,
                  kernel: str = "sgd", params: str = "biases", include_head: bool = True,
                  solver: str = "regression", ridge: float = 1e-3) -> None:
         if shots < 1 or eval_examples < 1:
-            raise ValueError(f"Need shots >= 1 and eval_examples >= 1; got {shots}, "
+            raise ConfigError(f"Need shots >= 1 and eval_examples >= 1; got {shots}, "
                              f"{eval_examples}.")
         self.shots, self.eval_examples, self.seed = shots, eval_examples, seed
         self.kernel_settings = KernelSettings(kernel=kernel, params=params,
@@ -994,7 +996,7 @@ class KernelScorer(Scorer):
         chosen = set(train.texts)
         rest = np.array([i for i, t in enumerate(target.texts) if t not in chosen])
         if len(rest) == 0:
-            raise ValueError(f"The target has no examples left to evaluate the kernel on "
+            raise KernelError(f"The target has no examples left to evaluate the kernel on "
                              f"after {self.shots} shots per class.")
         rng = np.random.default_rng(self.seed)
         rest = np.sort(rng.choice(rest, size=min(self.eval_examples, len(rest)),

@@ -28,12 +28,15 @@ from pathlib import Path
 from torch import nn
 
 from stepstone.esm.encoder import find_layer_list
+from stepstone.esm.errors import ConfigError
 
 KENNEWEG_BASE_LR = 3.3e-6
 # g0 embeddings, g1 layers 0-1, g2 layer 2, g3 layers 3-4, g4 layer 5, g5 layers 6-7,
 # g6 layer 8, g7 layers 9-10, g8 layer 11, g9 heads; relative to g0.
 KENNEWEG_RELATIVE = (1.0, 1.32, 0.28, 0.58, 0.86, 0.65, 0.99, 1.12, 0.97, 3.40)
 _KENNEWEG_LAYER_GROUP = (1, 1, 2, 3, 3, 4, 5, 5, 6, 7, 7, 8)  # BERT-base layer -> group
+# Parameters AdamW leaves without weight decay (by name suffix).
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
 @dataclass(frozen=True)
@@ -115,13 +118,13 @@ def from_mapping(groups: LayerGroups, mapping: dict[str, float]) -> dict[str, fl
         pattern = re.compile(key)
         hits = [g for g in groups.names if pattern.fullmatch(g)]
         if not hits:
-            raise ValueError(f"LR key {key!r} matches no layer group; the groups are "
-                             f"{list(groups.names)}.")
+            raise ConfigError(f"LR key {key!r} matches no layer group; the groups are "
+                              f"{list(groups.names)}.")
         for g in hits:
             out[g] = float(lr)
     missing = [g for g in groups.names if g not in out]
     if missing:
-        raise ValueError(f"No learning rate for layer group(s) {missing}.")
+        raise ConfigError(f"No learning rate for layer group(s) {missing}.")
     return {g: out[g] for g in groups.names}
 
 
@@ -142,7 +145,7 @@ def resolve_distribution(spec: str | Mapping[str, float], groups: LayerGroups
         except ValueError:
             numbers = None
         if numbers is None or len(numbers) not in _ARITY[kind]:
-            raise ValueError(f"LR distribution must be {_USAGE}; got {spec!r}.")
+            raise ConfigError(f"LR distribution must be {_USAGE}; got {spec!r}.")
         if kind == "flat":
             out = flat(groups, *numbers)
         elif kind == "llrd":
@@ -151,25 +154,30 @@ def resolve_distribution(spec: str | Mapping[str, float], groups: LayerGroups
             out = kenneweg(groups, *numbers)
     elif spec.endswith(".json"):
         if not Path(spec).is_file():
-            raise ValueError(f"No LR distribution file {spec!r}.")
-        out = from_mapping(groups, json.loads(Path(spec).read_text()))
+            raise ConfigError(f"No LR distribution file {spec!r}.")
+        try:
+            mapping = json.loads(Path(spec).read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"LR distribution file {spec!r} is not valid JSON: {err}") from None
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"LR distribution file {spec!r} must hold a JSON object "
+                              f"{{group or regex: LR}}; got {type(mapping).__name__}.")
+        out = from_mapping(groups, mapping)
     else:
-        raise ValueError(f"LR distribution must be {_USAGE}; got {spec!r}.")
+        raise ConfigError(f"LR distribution must be {_USAGE}; got {spec!r}.")
     return _check_positive(out)
 
 
 def _check_positive(out: dict[str, float]) -> dict[str, float]:
     bad = {g: v for g, v in out.items() if not (v > 0 and math.isfinite(v))}
     if bad:
-        raise ValueError(f"Learning rates must be positive and finite; got {bad}.")
+        raise ConfigError(f"Learning rates must be positive and finite; got {bad}.")
     return out
 
 
 def param_groups(model: nn.Module, lrs: dict[str, float], groups: LayerGroups | None = None,
                  *, weight_decay: float = 0.01) -> list[dict]:
     """AdamW parameter groups: one per layer group, biases/norms without weight decay."""
-    from stepstone.finetune.train import NO_DECAY
-
     groups = groups or layer_groups(model)
     named = dict(model.named_parameters())
     out = []

@@ -20,6 +20,10 @@ and evaluates like a single model:
     2406.12471), implemented from the description in the issue, not from the
     authors' code. See :func:`deni_schedule` for the exact step arithmetic.
 
+All four train in the one loop, :func:`~stepstone.finetune.train.finetune`: SWA and
+DENI are its callbacks (:class:`SwaCallback`, :class:`DeniCallback`), so they
+checkpoint and resume like a plain run.
+
 DENI, step by step (N = main-model steps, M = ``members``):
 
 1. *Noisy interpolation*: rounds start after ``s = ceil(0.3N) + k*I`` completed
@@ -59,6 +63,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -67,16 +72,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stepstone.esm.data import Split, Task
+from stepstone.esm.errors import ConfigError
 from stepstone.finetune.train import (
     FinetuneSettings,
     TaskModel,
-    TrainingData,
+    TrainCallback,
     TrainingError,
+    TrainLoop,
     build_optimizer,
     finetune,
     metrics_from_outputs,
+    optimizer_from_flat,
+    optimizer_to_flat,
     predict,
-    train_step,
 )
 
 logger = logging.getLogger(__name__)
@@ -146,28 +154,28 @@ class StabilizerSettings:
                               ("noise_scope", NOISE_SCOPES), ("copy_lr", COPY_LRS)):
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"{name!r} must be one of {list(allowed)}; got {value!r}.")
+                raise ConfigError(f"{name!r} must be one of {list(allowed)}; got {value!r}.")
         if self.members < 1:
-            raise ValueError(f"'members' must be >= 1; got {self.members}.")
+            raise ConfigError(f"'members' must be >= 1; got {self.members}.")
         if self.kind in ("ensemble", "deni") and self.members < 2:
-            raise ValueError(f"'members' must be >= 2 for kind={self.kind!r}; got "
-                             f"{self.members}.")
+            raise ConfigError(f"'members' must be >= 2 for kind={self.kind!r}; got "
+                              f"{self.members}.")
         if not (0.0 <= self.interpolation_start <= self.interpolation_end
                 <= self.ensemble_start < 1.0):
-            raise ValueError(
+            raise ConfigError(
                 "Need 0 <= interpolation_start <= interpolation_end <= ensemble_start < 1; got "
                 f"{self.interpolation_start}, {self.interpolation_end}, {self.ensemble_start}.")
         if self.interpolation_interval < 1 or self.swa_every < 1:
-            raise ValueError(f"'interpolation_interval' and 'swa_every' must be >= 1; got "
-                             f"{self.interpolation_interval}, {self.swa_every}.")
+            raise ConfigError(f"'interpolation_interval' and 'swa_every' must be >= 1; got "
+                              f"{self.interpolation_interval}, {self.swa_every}.")
         if self.interpolation_noise < 0 or self.ensemble_noise < 0:
-            raise ValueError(f"Noise levels must be >= 0; got interpolation_noise="
-                             f"{self.interpolation_noise}, ensemble_noise={self.ensemble_noise}.")
+            raise ConfigError(f"Noise levels must be >= 0; got interpolation_noise="
+                              f"{self.interpolation_noise}, ensemble_noise={self.ensemble_noise}.")
         if not 0.0 <= self.swa_start < 1.0 or not 0.0 <= self.swa_anneal < 1.0:
-            raise ValueError(f"'swa_start' and 'swa_anneal' must be in [0, 1); got "
-                             f"{self.swa_start}, {self.swa_anneal}.")
+            raise ConfigError(f"'swa_start' and 'swa_anneal' must be in [0, 1); got "
+                              f"{self.swa_start}, {self.swa_anneal}.")
         if not self.swa_lr_scale > 0:
-            raise ValueError(f"'swa_lr_scale' must be > 0; got {self.swa_lr_scale}.")
+            raise ConfigError(f"'swa_lr_scale' must be > 0; got {self.swa_lr_scale}.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -491,34 +499,46 @@ def train_stabilized(
     lr_distribution: str | Mapping[str, float] | None = None,
     progress: bool = True,
     desc: str = "fine-tuning",
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 100,
 ) -> StabilizedModel:
     """Fine-tune ``model`` on ``split`` with a stabiliser (module docstring).
 
     ``model`` is trained in place and is the main model (``StabilizedModel.model``);
-    other members are :func:`copy.deepcopy` copies. ``settings`` and
-    ``lr_distribution`` are those of :func:`stepstone.finetune.train.finetune`, which
-    ``kind='none'`` calls unchanged.
+    other members are copies. Every kind trains in the one loop,
+    :func:`stepstone.finetune.train.finetune` (``none`` calls it unchanged; ``swa`` and
+    ``deni`` add :class:`SwaCallback` / :class:`DeniCallback`; ``ensemble`` runs it once
+    per member), with its ``settings``, ``lr_distribution`` and checkpoints: the SWA
+    average and the DENI copies are part of the checkpoint; an ensemble checkpoints
+    each member in ``member-<i>/`` (members finished before a crash train again, to the
+    same weights).
     """
-    if stabilizer.kind == "none":
-        result = finetune(model, split, label_kind=label_kind, settings=settings,
-                          progress=progress, desc=desc, lr_distribution=lr_distribution)
-        return StabilizedModel("none", label_kind, model, [model], result.steps,
-                               result.seconds, result.losses, stabilizer.vote)
+    run = dict(label_kind=label_kind, settings=settings, lr_distribution=lr_distribution,
+               progress=progress, checkpoint_every=checkpoint_every)
     if stabilizer.kind == "ensemble":
-        return _train_ensemble(model, split, label_kind=label_kind, settings=settings,
-                               stabilizer=stabilizer, lr_distribution=lr_distribution,
-                               progress=progress, desc=desc)
+        return _train_ensemble(model, split, stabilizer=stabilizer, desc=desc,
+                               checkpoint_dir=checkpoint_dir, **run)
+    callbacks: list[SwaCallback | DeniCallback] = []
     if stabilizer.kind == "swa":
-        return _train_swa(model, split, label_kind=label_kind, settings=settings,
-                          stabilizer=stabilizer, lr_distribution=lr_distribution,
-                          progress=progress, desc=desc)
-    return _train_deni(model, split, label_kind=label_kind, settings=settings,
-                       stabilizer=stabilizer, lr_distribution=lr_distribution,
-                       progress=progress, desc=desc)
+        callbacks.append(SwaCallback(stabilizer))
+    elif stabilizer.kind == "deni":
+        callbacks.append(DeniCallback(stabilizer))
+    result = finetune(model, split, desc=desc if not callbacks else f"{desc} ({stabilizer.kind})",
+                      checkpoint_dir=checkpoint_dir, callbacks=callbacks, **run)
+    members, schedule, warnings = [model], None, []
+    if stabilizer.kind == "swa":
+        warnings = list(callbacks[0].warnings)
+    elif stabilizer.kind == "deni":
+        deni = callbacks[0]
+        members += [c for c, _ in deni.copies]
+        schedule, warnings = deni.schedule, list(deni.schedule.warnings)
+    return StabilizedModel(stabilizer.kind, label_kind, model, members, result.model_steps,
+                           result.seconds, result.losses, stabilizer.vote, schedule=schedule,
+                           warnings=warnings)
 
 
 def _train_ensemble(model, split, *, label_kind, settings, stabilizer, lr_distribution,
-                    progress, desc) -> StabilizedModel:
+                    progress, desc, checkpoint_dir, checkpoint_every) -> StabilizedModel:
     """M independent runs; member i > 0 is a copy of the untrained model whose head is
     re-initialised under :func:`member_seed` (also its batch-order/dropout seed)."""
     start = time.perf_counter()
@@ -537,80 +557,99 @@ def _train_ensemble(model, split, *, label_kind, settings, stabilizer, lr_distri
         result = finetune(member, split, label_kind=label_kind,
                           settings=dataclasses.replace(settings, seed=seed), progress=progress,
                           desc=f"{desc} member {i + 1}/{m_total}",
-                          lr_distribution=lr_distribution)
+                          lr_distribution=lr_distribution,
+                          checkpoint_dir=(None if checkpoint_dir is None
+                                          else Path(checkpoint_dir) / f"member-{i}"),
+                          checkpoint_every=checkpoint_every)
         members.append(member)
-        steps += result.steps
+        steps += result.model_steps
         if i == 0:
             losses = result.losses
     return StabilizedModel("ensemble", label_kind, model, members, steps,
                            time.perf_counter() - start, losses, stabilizer.vote)
 
 
-def _train_swa(model, split, *, label_kind, settings, stabilizer, lr_distribution, progress,
-               desc) -> StabilizedModel:
-    """The :func:`stepstone.finetune.train.finetune` loop until ``swa_start``, then SWALR and a
-    running average (:class:`torch.optim.swa_utils.AveragedModel`) of the weights after
-    every ``swa_every``-th step and after the last; the average is loaded into ``model``.
-    No batch-norm statistics to recompute (transformers use LayerNorm)."""
-    from torch.optim.swa_utils import SWALR, AveragedModel
+class SwaCallback(TrainCallback):
+    """Stochastic weight averaging (Izmailov et al. 2018, arXiv 1803.05407) in the
+    :func:`stepstone.finetune.train.finetune` loop.
 
-    start = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    rng = np.random.default_rng(settings.seed)
-    data = TrainingData(model.encoder, split, label_kind=label_kind,
-                        batch_size=settings.batch_size)
-    total = data.steps_per_epoch * settings.epochs
-    opt, sched = build_optimizer(model, settings, total, lr_distribution)
-    swa_from = _boundary(stabilizer.swa_start, total)
-    warnings = []
-    if swa_from >= total:
-        warnings.append(f"SWA: no step after swa_start={stabilizer.swa_start} of {total} "
-                        f"steps; the result is the last iterate, not an average.")
-        logger.warning(warnings[-1])
-    averaged, swa_sched, losses = None, None, []
-    bar = tqdm(total=total, desc=f"{desc} (swa)", unit="step", disable=not progress,
-               leave=False)
-    model.train()
-    try:
-        for _ in range(settings.epochs):
-            for _, inputs, targets in data.batches(data.epoch_order(rng)):
-                if len(losses) == swa_from and swa_from < total:
-                    averaged = AveragedModel(model)
-                    peak = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
-                    anneal = max(0, round(stabilizer.swa_anneal * total))
-                    swa_sched = SWALR(opt, swa_lr=[lr * stabilizer.swa_lr_scale for lr in peak],
-                                      anneal_epochs=anneal, anneal_strategy="cos")
-                losses.append(_step(model, opt, inputs, targets, label_kind, settings,
-                                    len(losses), total, desc))
-                if swa_sched is not None:
-                    swa_sched.step()
-                elif sched is not None:
-                    sched.step()
-                done = len(losses)
-                if averaged is not None and ((done - swa_from) % stabilizer.swa_every == 0
-                                             or done == total):
-                    averaged.update_parameters(model)
-                bar.update(1)
-    finally:
-        bar.close()
-    if averaged is not None:
-        with torch.no_grad():
-            for p, q in zip(model.parameters(), averaged.module.parameters(), strict=True):
-                p.copy_(q)
-    model.eval()
-    model.encoder.invalidate_fingerprint()
-    return StabilizedModel("swa", label_kind, model, [model], len(losses),
-                           time.perf_counter() - start, losses, stabilizer.vote,
-                           warnings=warnings)
+    From ``swa_start`` of the steps the schedule hands over to SWALR
+    (:class:`torch.optim.swa_utils.SWALR`, cosine-annealed to ``swa_lr_scale`` times
+    each group's peak rate) and a running average
+    (:class:`torch.optim.swa_utils.AveragedModel`) takes the weights after every
+    ``swa_every``-th step and after the last; the average is loaded into the model at
+    the end. No batch-norm statistics to recompute (transformers use LayerNorm).
+    ``warnings``: set when no step is left after ``swa_start``.
+    """
 
+    def __init__(self, stabilizer: StabilizerSettings) -> None:
+        self.stabilizer = stabilizer
+        self.averaged: nn.Module | None = None
+        self.scheduler = None
+        self.start = 0
+        self.warnings: list[str] = []
 
-def _step(model, opt, inputs, targets, label_kind, settings, done, total, desc) -> float:
-    try:
-        return train_step(model, opt, inputs, targets, label_kind=label_kind,
-                          max_grad_norm=settings.max_grad_norm)
-    except TrainingError as err:
-        raise TrainingError(f"{err} at step {done + 1} of {total} ({desc}); stopped. Try a "
-                            f"lower learning rate than {settings.lr}.") from None
+    def key(self) -> dict:
+        s = self.stabilizer
+        return {"callback": "swa", "swa_start": s.swa_start, "swa_lr_scale": s.swa_lr_scale,
+                "swa_anneal": s.swa_anneal, "swa_every": s.swa_every}
+
+    def on_train_begin(self, loop: TrainLoop) -> None:
+        self.start = _boundary(self.stabilizer.swa_start, loop.total_steps)
+        if self.start >= loop.total_steps:
+            self.warnings.append(
+                f"SWA: no step after swa_start={self.stabilizer.swa_start} of "
+                f"{loop.total_steps} steps; the result is the last iterate, not an average.")
+            logger.warning(self.warnings[-1])
+
+    def _hand_over(self, loop: TrainLoop) -> None:
+        from torch.optim.swa_utils import SWALR
+
+        peak = [g.get("initial_lr", g["lr"]) for g in loop.optimizer.param_groups]
+        self.scheduler = SWALR(
+            loop.optimizer, swa_lr=[lr * self.stabilizer.swa_lr_scale for lr in peak],
+            anneal_epochs=max(0, round(self.stabilizer.swa_anneal * loop.total_steps)),
+            anneal_strategy="cos")
+        loop.scheduler = self.scheduler
+
+    def on_step_begin(self, loop: TrainLoop, inputs, targets) -> None:
+        if loop.step == self.start < loop.total_steps:
+            from torch.optim.swa_utils import AveragedModel
+
+            self.averaged = AveragedModel(loop.model)
+            self._hand_over(loop)
+
+    def on_step_end(self, loop: TrainLoop, inputs, targets) -> None:
+        if self.averaged is not None and ((loop.step - self.start) % self.stabilizer.swa_every
+                                          == 0 or loop.step == loop.total_steps):
+            self.averaged.update_parameters(loop.model)
+
+    def on_train_end(self, loop: TrainLoop) -> None:
+        if self.averaged is not None:
+            with torch.no_grad():
+                for p, q in zip(loop.model.parameters(), self.averaged.module.parameters(),
+                                strict=True):
+                    p.copy_(q)
+
+    def state(self, loop: TrainLoop) -> tuple[dict[str, torch.Tensor], dict]:
+        if self.averaged is None:
+            return {}, {"started": False}
+        return dict(self.averaged.state_dict()), {"started": True,
+                                                  "scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, loop: TrainLoop, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if not meta["started"]:
+            return
+        from torch.optim.swa_utils import AveragedModel
+
+        self.averaged = AveragedModel(loop.model)
+        self.averaged.load_state_dict(tensors)
+        # SWALR's constructor steps once; the checkpoint's learning rates are the truth.
+        lrs = [g["lr"] for g in loop.optimizer.param_groups]
+        self._hand_over(loop)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        for g, lr in zip(loop.optimizer.param_groups, lrs, strict=True):
+            g["lr"] = lr
 
 
 def _make_copies(model: TaskModel, opt: torch.optim.Optimizer, event: DeniEvent, *,
@@ -630,65 +669,80 @@ def _make_copies(model: TaskModel, opt: torch.optim.Optimizer, event: DeniEvent,
     return copies
 
 
-def _train_deni(model, split, *, label_kind, settings, stabilizer, lr_distribution, progress,
-                desc) -> StabilizedModel:
-    """DENI (Pecher et al. 2024, arXiv 2406.12471): the :func:`stepstone.finetune.train.finetune`
-    loop for the main model, with the copies of :func:`deni_schedule` trained on the
-    same batches beside it."""
-    start = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    rng = np.random.default_rng(settings.seed)
-    generator = torch.Generator().manual_seed(member_seed(settings.seed, 1_000_003))
-    data = TrainingData(model.encoder, split, label_kind=label_kind,
-                        batch_size=settings.batch_size)
-    total = data.steps_per_epoch * settings.epochs
-    schedule = deni_schedule(total, stabilizer)
-    for w in schedule.warnings:
-        logger.warning(w)
-    opt, sched = build_optimizer(model, settings, total, lr_distribution)
-    names = noise_parameter_names(model, stabilizer.noise_scope)
-    starts = {e.start: e for e in schedule.events}
-    copies: list[tuple[TaskModel, torch.optim.Optimizer]] = []
-    current: DeniEvent | None = None
-    losses: list[float] = []
-    model_steps = 0
-    bar = tqdm(total=schedule.model_steps(stabilizer.members), desc=f"{desc} (deni)",
-               unit="model-step", disable=not progress, leave=False)
-    model.train()
-    try:
-        for _ in range(settings.epochs):
-            for _, inputs, targets in data.batches(data.epoch_order(rng)):
-                done = len(losses)
-                if done in starts:
-                    current = starts[done]
-                    copies = _make_copies(model, opt, current, count=stabilizer.members - 1,
-                                          names=names, generator=generator, settings=settings,
-                                          stabilizer=stabilizer, lr_distribution=lr_distribution)
-                    bar.set_postfix(phase=current.kind)
-                losses.append(_step(model, opt, inputs, targets, label_kind, settings, done,
-                                    total, desc))
-                if sched is not None:
-                    sched.step()
-                for c, c_opt in copies:
-                    _step(c, c_opt, inputs, targets, label_kind, settings, done, total,
-                          f"{desc}, DENI copy")
-                model_steps += 1 + len(copies)
-                bar.update(1 + len(copies))
-                if current is not None and current.kind == "interpolate" \
-                        and len(losses) == current.end:
-                    average_into(model, [model, *(c for c, _ in copies)])
-                    copies, current = [], None
-                    bar.set_postfix(phase="main")
-    finally:
-        bar.close()
-    members = [model, *(c for c, _ in copies)]
-    for m in members:
-        m.eval()
-        m.encoder.invalidate_fingerprint()
-    expected = schedule.model_steps(stabilizer.members)
-    if model_steps != expected:  # the schedule and the loop must agree on the cost
-        raise TrainingError(f"DENI ran {model_steps} model-steps; its schedule expected "
-                            f"{expected}.")
-    return StabilizedModel("deni", label_kind, model, members, model_steps,
-                           time.perf_counter() - start, losses, stabilizer.vote,
-                           schedule=schedule, warnings=list(schedule.warnings))
+class DeniCallback(TrainCallback):
+    """DENI (Pecher et al. 2024, arXiv 2406.12471) in the
+    :func:`stepstone.finetune.train.finetune` loop: the copies of :func:`deni_schedule`
+    are made before their first step and train on the main model's batches right after
+    it; interpolation copies are averaged into the main model at their round's end,
+    the delayed ensemble's are kept in ``copies`` (members 1..M-1).
+    """
+
+    def __init__(self, stabilizer: StabilizerSettings) -> None:
+        self.stabilizer = stabilizer
+        self.copies: list[tuple[TaskModel, torch.optim.Optimizer]] = []
+        self.current: DeniEvent | None = None
+
+    def key(self) -> dict:
+        return {"callback": "deni", **self.stabilizer.to_dict()}
+
+    def on_train_begin(self, loop: TrainLoop) -> None:
+        self.schedule = deni_schedule(loop.total_steps, self.stabilizer)
+        for w in self.schedule.warnings:
+            logger.warning(w)
+        self.starts = {e.start: e for e in self.schedule.events}
+        self.names = noise_parameter_names(loop.model, self.stabilizer.noise_scope)
+        self.generator = torch.Generator().manual_seed(member_seed(loop.settings.seed,
+                                                                   1_000_003))
+
+    def on_step_begin(self, loop: TrainLoop, inputs, targets) -> None:
+        if loop.step in self.starts:
+            self.current = self.starts[loop.step]
+            self.copies = _make_copies(
+                loop.model, loop.optimizer, self.current, count=self.stabilizer.members - 1,
+                names=self.names, generator=self.generator, settings=loop.settings,
+                stabilizer=self.stabilizer, lr_distribution=loop.lr_distribution)
+
+    def on_step_end(self, loop: TrainLoop, inputs, targets) -> None:
+        for c, c_opt in self.copies:
+            loop.train_step(c, c_opt, inputs, targets, step=loop.step,
+                            what=f"{loop.desc}, DENI copy")
+        if self.current is not None and self.current.kind == "interpolate" \
+                and loop.step == self.current.end:
+            average_into(loop.model, [loop.model, *(c for c, _ in self.copies)])
+            self.copies, self.current = [], None
+
+    def on_train_end(self, loop: TrainLoop) -> None:
+        for c, _ in self.copies:
+            c.eval()
+            c.encoder.invalidate_fingerprint()
+        expected = self.schedule.model_steps(self.stabilizer.members)
+        if loop.model_steps != expected:  # the schedule and the loop must agree on the cost
+            raise TrainingError(f"DENI ran {loop.model_steps} model-steps; its schedule "
+                                f"expected {expected}.")
+
+    def state(self, loop: TrainLoop) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {"generator": self.generator.get_state()}
+        optimizers = []
+        for i, (c, c_opt) in enumerate(self.copies):
+            tensors.update({f"copy.{i}.model.{k}": v for k, v in c.state_dict().items()})
+            flat, meta = optimizer_to_flat(c_opt)
+            tensors.update({f"copy.{i}.optimizer.{k}": v for k, v in flat.items()})
+            optimizers.append(meta)
+        return tensors, {"event": None if self.current is None else self.current.start,
+                         "optimizers": optimizers}
+
+    def load_state(self, loop: TrainLoop, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.generator.set_state(tensors["generator"])
+        self.current = None if meta["event"] is None else self.starts[meta["event"]]
+        self.copies = []
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        for i, opt_meta in enumerate(meta["optimizers"]):
+            c = copy.deepcopy(loop.model)
+            c.load_state_dict(part(f"copy.{i}.model."))
+            c_opt, _ = build_optimizer(c, loop.settings, None, loop.lr_distribution)
+            c_opt.load_state_dict(optimizer_from_flat(part(f"copy.{i}.optimizer."), opt_meta))
+            c.train()
+            self.copies.append((c, c_opt))

@@ -19,7 +19,6 @@ where it stopped when started again with the same arguments.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 
 from stepstone.esm.data import DataError, Split, Task, load_task
 from stepstone.esm.encoder import Encoder, load_encoder
+from stepstone.esm.errors import ConfigError
 from stepstone.esm.registry import Registry, open_registry
 from stepstone.finetune.forgetting import (
     Retention,
@@ -92,15 +92,15 @@ class TransferSettings:
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
-            raise ValueError(f"'seeds' must be >= 1; got {self.seeds}.")
+            raise ConfigError(f"'seeds' must be >= 1; got {self.seeds}.")
         for name in ("max_eval", "probe_examples", "cka_examples", "curve_examples",
                      "checkpoint_every"):
             if getattr(self, name) < 2:
-                raise ValueError(f"'{name}' must be >= 2; got {getattr(self, name)}.")
+                raise ConfigError(f"'{name}' must be >= 2; got {getattr(self, name)}.")
         for name in ("source_max_examples", "target_max_examples"):
             value = getattr(self, name)
             if value is not None and value < 2:
-                raise ValueError(f"'{name}' must be >= 2 or None; got {value}.")
+                raise ConfigError(f"'{name}' must be >= 2 or None; got {value}.")
 
     @property
     def seed_list(self) -> list[int]:
@@ -129,12 +129,12 @@ class LRSearchSettings:
 
     def __post_init__(self) -> None:
         if self.trials < 1:
-            raise ValueError(f"'trials' must be >= 1; got {self.trials}.")
+            raise ConfigError(f"'trials' must be >= 1; got {self.trials}.")
         if not 0 < self.lr_min < self.lr_max:
-            raise ValueError(f"Need 0 < lr_min < lr_max; got {self.lr_min}, {self.lr_max}.")
+            raise ConfigError(f"Need 0 < lr_min < lr_max; got {self.lr_min}, {self.lr_max}.")
         if not 0 < self.validation_ratio < 0.9:
-            raise ValueError(f"'validation_ratio' must be in (0, 0.9); got "
-                             f"{self.validation_ratio}.")
+            raise ConfigError(f"'validation_ratio' must be in (0, 0.9); got "
+                              f"{self.validation_ratio}.")
 
 
 # -- small helpers ----------------------------------------------------------------------
@@ -156,14 +156,9 @@ def _read_json(path: Path) -> Any | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _copy_encoder(encoder: Encoder) -> Encoder:
-    return Encoder(copy.deepcopy(encoder.model), encoder.tokenizer, name=encoder.name,
-                   pooling=encoder.pooling, max_length=encoder.max_length)
-
-
 def _fresh_model(encoder: Encoder, num_labels: int, settings: FinetuneSettings) -> TaskModel:
     torch.manual_seed(settings.seed)  # the fresh head's init is part of the seed
-    return TaskModel(_copy_encoder(encoder), num_labels, dropout=settings.dropout)
+    return TaskModel(encoder.copy(), num_labels, dropout=settings.dropout)
 
 
 def _with_head(encoder: Encoder, head: torch.nn.Linear) -> TaskModel:
@@ -245,19 +240,37 @@ def choose_source(
 
 
 def _from_registry(registry: Registry, esm_id: str) -> SourceChoice:
-    config = registry.config(esm_id)
-    if not config.task_origin:
-        raise DataError(f"ESM {esm_id!r} does not record where its task came from; pass the "
-                        f"source as a task spec (builtin:ID, a file or a Hub name).")
+    # The config decides which data is read: trust it only when the ESM's files still
+    # match the checksum recorded when it was added.
+    config = registry.config(esm_id, verify=True)
     from stepstone.esm.catalog import builtin_ids
+    from stepstone.esm.data import FILE_SUFFIXES
 
-    # Built-in tasks record a readable origin (package and file), not a loadable spec.
-    spec = (f"builtin:{config.task_id}" if config.task_id in builtin_ids()
-            and not Path(config.task_origin).exists() else config.task_origin)
-    task = load_task(spec)
-    if config.task_data_hash and task.data_hash() != config.task_data_hash:
-        logger.warning("Source %s: the data at %s changed since ESM %s was built.",
-                       task.task_id, config.task_origin, esm_id)
+    origin, builtin = config.task_origin, config.task_id in builtin_ids()
+    # A recorded origin is reloaded only as a data file or Hub spec whose data hash
+    # matches the build's; built-in tasks record a readable origin, not a loadable spec.
+    loadable = origin.startswith("hub:") or (
+        Path(origin).suffix.lower() in FILE_SUFFIXES and (not builtin or Path(origin).is_file()))
+    task = None
+    if loadable and config.task_data_hash:
+        recorded = load_task(origin)
+        if recorded.data_hash() == config.task_data_hash:
+            task = recorded
+        elif not builtin:
+            raise DataError(
+                f"The data at {origin!r} changed since ESM {esm_id!r} was built (data hash "
+                f"{recorded.data_hash()} vs {config.task_data_hash}); pass the source as a "
+                "task spec (builtin:ID, a file or a Hub name) to use it anyway.")
+    if task is None and builtin:
+        task = load_task(f"builtin:{config.task_id}")
+        if config.task_data_hash and task.data_hash() != config.task_data_hash:
+            logger.warning("Source %s: the built-in data changed since ESM %s was built.",
+                           task.task_id, esm_id)
+    if task is None:
+        raise DataError(
+            f"ESM {esm_id!r} records its task origin as {origin!r}, which is not a built-in "
+            f"task, nor a {'/'.join(FILE_SUFFIXES)} file or hub: dataset with a recorded data "
+            "hash; pass the source as a task spec (builtin:ID, a file or a Hub name).")
     return SourceChoice(task, esm_id, model_dir=registry.model_dir(esm_id))
 
 
@@ -547,7 +560,8 @@ class TransferRun:
         """The source-tuned model for ``seed`` (kept by the registry, resumed, or trained)."""
         src = self.source
         if src.model_dir is not None:
-            model = load_task_model(src.model_dir, name=self.encoder.name)
+            model = load_task_model(src.model_dir, name=self.encoder.name,
+                                    device=self.encoder.device)
             if model.encoder.dim != self.encoder.dim:
                 raise DataError(f"The kept source model of {src.esm_id} has dim "
                                 f"{model.encoder.dim}; the encoder has {self.encoder.dim}.")
@@ -560,7 +574,8 @@ class TransferRun:
         folder = self.checkpoint(seed, "source-model")
         record = _read_json(self.stage_file(seed, "source"))
         if record is not None and (folder / "head.json").is_file():
-            return load_task_model(folder, name=self.encoder.name), record
+            return load_task_model(folder, name=self.encoder.name,
+                                   device=self.encoder.device), record
         ft = self._ft(seed)
         model = _fresh_model(self.encoder, src.task.num_labels, ft)
         result = finetune(model, src.task.train, label_kind=src.task.label_kind, settings=ft,
@@ -610,10 +625,11 @@ class TransferRun:
         else:
             from stepstone.finetune.stabilize import train_stabilized
 
-            stable = train_stabilized(model, self.target.train,
-                                      label_kind=self.target.label_kind, settings=ft,
-                                      stabilizer=self.stabilizer, lr_distribution=spec,
-                                      progress=self.progress, desc=desc)
+            stable = train_stabilized(
+                model, self.target.train, label_kind=self.target.label_kind, settings=ft,
+                stabilizer=self.stabilizer, lr_distribution=spec, progress=self.progress,
+                desc=desc, checkpoint_dir=self.checkpoint(seed, f"{_slug(spec)}-{name}"),
+                checkpoint_every=self.settings.checkpoint_every)
             model = stable.model
             record = {"metrics": stable.evaluate(self.target, self.target.test),
                       "seconds": stable.seconds, "losses": stable.losses,
@@ -729,7 +745,7 @@ def transfer(
         if spec != SEARCH_SPEC:
             resolve_distribution(spec, groups)
     if len(set(map(_slug, specs))) != len(specs):
-        raise ValueError(f"LR distributions must be distinct; got {specs}.")
+        raise ConfigError(f"LR distributions must be distinct; got {specs}.")
 
     choice = choose_source(target_task, source, reg, encoder=encoder, method=method,
                            progress=progress, task_options=task_options)

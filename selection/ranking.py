@@ -13,14 +13,16 @@ import numpy as np
 from stepstone.esm.cache import EmbeddingCache
 from stepstone.esm.data import Task, load_task
 from stepstone.esm.encoder import DEFAULT_ENCODER, Encoder, load_encoder
+from stepstone.esm.errors import ConfigError
 from stepstone.esm.registry import Registry, RegistryEntry, open_registry, same_encoder
 from stepstone.selection.index import task_index
-from stepstone.selection.scorers import Scorer, get_scorer
+from stepstone.selection.scorers import Scorer, check_label_kind, check_options, get_scorer
 from stepstone.selection.target import Target
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TARGET = 1000
+DEFAULT_EXIT_THRESHOLD = 0.98
 
 
 @dataclass
@@ -79,6 +81,13 @@ class Ranking:
         cols = ["rank", "esm_id", "task_id", "score", "num_examples", "label_kind"]
         return pd.DataFrame([r.__dict__ for r in self.rows], columns=cols)
 
+    def to_csv(self, path: str | Path) -> Path:
+        """The :meth:`to_pandas` table written to ``path`` (its folder is created)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.to_pandas().to_csv(path, index=False)
+        return path
+
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "method": self.method,
                 "ranking": [r.__dict__ for r in self.rows], "errors": self.errors,
@@ -98,7 +107,8 @@ class Ranking:
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
-        """Horizontal bar chart of the scores (best on top), written to ``path``."""
+        """Horizontal bar chart of the scores (best on top), written to ``path`` (its
+        folder is created)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -123,6 +133,7 @@ class Ranking:
         ax.set_title(f"Source ranking for {self.target}")
         fig.tight_layout()
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
@@ -167,6 +178,49 @@ def _auto_layer(reg: Registry, task: Task, full: Encoder, threshold: float) -> i
     return None if chosen >= full.num_layers else chosen
 
 
+def _checked_scorer(method: str, *, approx_rank: int | None, prefilter: int | None,
+                    layer: int | str | None, scorer_options: dict[str, Any] | None) -> Scorer:
+    """The scorer for ``method``, after refusing every option it does not take."""
+    options = dict(scorer_options or {})
+    check_options(method, options, rank=False)
+    check_options(method, [name for name, value in (("approx_rank", approx_rank),
+                                                    ("prefilter", prefilter), ("layer", layer))
+                           if value is not None])
+    if approx_rank is not None:
+        if "approx_rank" in options:
+            raise ConfigError("'approx_rank' is given twice: as an argument and in "
+                              "'scorer_options'.")
+        options["approx_rank"] = approx_rank
+    return get_scorer(method, **options)
+
+
+def _at_least(name: str, value: Any, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)
+                              or value < minimum):
+        raise ConfigError(f"'{name}' must be an int >= {minimum} or None; got {value!r}.")
+
+
+def _check_rank_options(*, top, prefilter, layer, max_examples, exit_threshold, encoder,
+                        pooling, max_length, target, task_options) -> None:
+    """Refuse invalid values and options that do not apply, before any work."""
+    _at_least("top", top, 1)
+    _at_least("prefilter", prefilter, 1)
+    _at_least("max_examples", max_examples, 2)
+    if layer != "auto":
+        _at_least("layer", layer, 1)
+    if exit_threshold is not None and layer != "auto":
+        raise ConfigError(f"'exit_threshold' applies only with layer='auto'; got layer={layer!r}.")
+    if isinstance(encoder, Encoder):
+        given = [name for name, value in (("pooling", pooling), ("max_length", max_length))
+                 if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]!r} applies to an encoder given by name; got a loaded "
+                              f"Encoder (set it in load_encoder).")
+    if task_options and not isinstance(target, str):
+        raise ConfigError("'task_options' apply to a target given by name or path; got a "
+                          f"loaded {type(target).__name__}.")
+
+
 def rank(
     target: str | Task,
     registry: str | Path | Registry | None = None,
@@ -179,7 +233,7 @@ def rank(
     prefilter: int | None = None,
     approx_rank: int | None = None,
     layer: int | str | None = None,
-    exit_threshold: float = 0.98,
+    exit_threshold: float | None = None,
     max_examples: int | None = DEFAULT_MAX_TARGET,
     cache: EmbeddingCache | bool = True,
     exclude_target: bool = True,
@@ -197,13 +251,13 @@ def rank(
     registry : path, Registry or None
         None means the registry shipped with stepstone.
     method : str
-        One of :data:`stepstone.selection.scorers.METHODS`.
+        One of :data:`stepstone.selection.scorers.METHODS` (or a registered method).
     encoder : Encoder, str or None
         Defaults to the encoder the registry was built with.
     pooling, max_length : optional
         For an encoder given by name; default to the registry's.
     top : int, optional
-        Keep the best ``top`` rows.
+        Keep the best ``top`` rows (>= 1).
     prefilter : int, optional
         Score only the ``prefilter`` sources nearest to the target in the FAISS task
         index (TextEmb similarity), then rank those by ``method``.
@@ -213,22 +267,34 @@ def rank(
         Early exit (after Kang et al. 2021): embed with the first ``layer`` encoder
         layers; only ESMs trained on that layer's embeddings match. ``'auto'`` picks
         the first layer whose pooled output stops changing (cosine to the next layer
-        >= ``exit_threshold`` on up to 64 target texts), rounded up to a layer the
-        registry has ESMs for.
+        >= ``exit_threshold``, default 0.98, on up to 64 target texts), rounded up to a
+        layer the registry has ESMs for.
     max_examples : int, optional
-        Cap on target training examples used (stratified).
+        Cap on target training examples used (stratified; >= 2).
+    scorer_options : dict, optional
+        The method's own options (``k`` for knn, ``seed`` for random, ...).
+
+    Options a method does not take (see each scorer's ``options``) are refused before
+    any work, as are invalid values.
 
     Raises
     ------
+    ConfigError
+        For an option the method does not take, an invalid value, or a target whose
+        label kind the method cannot score, before anything is embedded.
     EncoderMismatchError
         When the registry holds no ESM for the requested encoder (both are named).
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    scorer = _checked_scorer(method, approx_rank=approx_rank, prefilter=prefilter, layer=layer,
+                             scorer_options=scorer_options)
+    _check_rank_options(top=top, prefilter=prefilter, layer=layer, max_examples=max_examples,
+                        exit_threshold=exit_threshold, encoder=encoder, pooling=pooling,
+                        max_length=max_length, target=target, task_options=task_options)
     reg = registry if isinstance(registry, Registry) else open_registry(registry)
     task = load_task(target, **(task_options or {})) if isinstance(target, str) else target
-    scorer: Scorer = get_scorer(method, **({"approx_rank": approx_rank} if approx_rank else {}),
-                                **(scorer_options or {}))
+    check_label_kind(method, task.label_kind)
     if encoder is None or isinstance(encoder, str):
         # Default to the registry's encoder configuration (name, pooling, max length).
         known = reg.encoders()
@@ -238,7 +304,8 @@ def rank(
             name, pooling=pooling or (match.pooling if match else None),
             max_length=max_length or (match.max_length if match else None))
     if layer == "auto":
-        layer = _auto_layer(reg, task, encoder, exit_threshold)
+        layer = _auto_layer(reg, task, encoder, DEFAULT_EXIT_THRESHOLD if exit_threshold is None
+                            else exit_threshold)
     if layer is not None and encoder.layer != layer:
         encoder = encoder.with_layer(layer)
     timings["load"] = time.perf_counter() - t0
@@ -253,8 +320,6 @@ def rank(
     entries, other_encoder = _candidates(reg, prepared, exclude_target=exclude_target)
     t2 = time.perf_counter()
     if prefilter is not None:
-        if prefilter < 1:
-            raise ValueError(f"'prefilter' must be a positive int; got {prefilter}.")
         keep = {esm_id for esm_id, _ in task_index(reg).search(prepared.mean_vector,
                                                                prefilter + 1)}
         entries = [e for e in entries if e.id in keep][:prefilter]

@@ -23,6 +23,7 @@ each kept source model, Malladi et al. 2023, from ``stepstone.finetune.kernel``)
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -30,16 +31,24 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stepstone.esm.encoder import EncoderMismatchError
-from stepstone.esm.model import AFFINE_ARCHITECTURES, EmbeddingSpaceMap, ESMFormatError
+from stepstone.esm.errors import ConfigError, StepstoneError
+from stepstone.esm.model import AFFINE_ARCHITECTURES, EmbeddingSpaceMap
 from stepstone.esm.registry import Registry, RegistryEntry
 from stepstone.selection.logme import TargetBasis, logme_linear_maps, logme_score
 from stepstone.selection.target import Target
 
 logger = logging.getLogger(__name__)
 
-# What loading or scoring one ESM may raise; anything else is a bug and propagates.
-_PER_ESM_ERRORS = (ESMFormatError, EncoderMismatchError, OSError, ValueError, RuntimeError,
-                   np.linalg.LinAlgError)
+# What loading or scoring one source may raise: the library's own errors (a bad ESM
+# folder or config, another encoder, a failed check), a file that cannot be read, and an
+# SVD that does not converge. Anything else is a bug and propagates.
+_PER_ESM_ERRORS = (StepstoneError, OSError, np.linalg.LinAlgError)
+
+# Options of rank() itself that change what a method computes. A method takes one when
+# its class lists it in ``options``; its other options are its constructor's keywords.
+RANK_OPTIONS: tuple[str, ...] = ("prefilter", "layer")
+
+_NON_FINITE = "the ESM maps the target's embeddings to NaN or inf"
 
 
 @dataclass
@@ -59,6 +68,11 @@ class Scorer:
 
     name: ClassVar[str] = ""
     uses_esm: ClassVar[bool] = False
+    # Every option this method takes: its constructor's keywords and the RANK_OPTIONS
+    # that apply to it. rank() and get_scorer refuse any other before doing any work.
+    options: ClassVar[tuple[str, ...]] = ("prefilter",)
+    # The target label kinds it can score.
+    label_kinds: ClassVar[tuple[str, ...]] = ("classification", "regression")
 
     def score(self, target: Target, registry: Registry, entries: list[RegistryEntry], *,
               progress: bool = False) -> Scores:
@@ -87,12 +101,13 @@ class ESMLogME(Scorer):
 
     name = "esm-logme"
     uses_esm = True
+    options = ("approx_rank", "chunk", "prefilter", "layer")
 
     def __init__(self, *, approx_rank: int | None = None, chunk: int = 64) -> None:
         if approx_rank is not None and approx_rank < 1:
-            raise ValueError(f"'approx_rank' must be a positive int or None; got {approx_rank}.")
+            raise ConfigError(f"'approx_rank' must be a positive int or None; got {approx_rank}.")
         if chunk < 1:
-            raise ValueError(f"'chunk' must be >= 1; got {chunk}.")
+            raise ConfigError(f"'chunk' must be >= 1; got {chunk}.")
         self.approx_rank, self.chunk = approx_rank, chunk
 
     def settings(self) -> dict:
@@ -134,7 +149,11 @@ class ESMLogME(Scorer):
                     pending = []
                 continue
             try:  # non-affine maps: materialise this one map's output, score, drop it
-                out.values[esm_id] = logme_score(esm.transform(target.X), target.labels,
+                mapped = esm.transform(target.X)
+                if not np.isfinite(mapped).all():
+                    out.errors[esm_id] = _NON_FINITE
+                    continue
+                out.values[esm_id] = logme_score(mapped, target.labels,
                                                  label_kind=target.label_kind)
             except _PER_ESM_ERRORS as err:
                 out.errors[esm_id] = f"{type(err).__name__}: {err}"
@@ -184,22 +203,26 @@ class KNN(Scorer):
 
     name = "knn"
     uses_esm = True
+    options = ("k", "prefilter", "layer")
+    label_kinds = ("classification",)
 
     def __init__(self, *, k: int = 5) -> None:
         if k < 1:
-            raise ValueError(f"'k' must be >= 1; got {k}.")
+            raise ConfigError(f"'k' must be >= 1; got {k}.")
         self.k = k
 
     def settings(self) -> dict:
         return {"k": self.k}
 
     def score(self, target, registry, entries, *, progress=False) -> Scores:
-        if target.label_kind != "classification":
-            raise ValueError("The knn method needs a classification target; got regression.")
+        check_label_kind(self.name, target.label_kind)
         out = Scores()
         for entry in tqdm(entries, desc="kNN", unit="ESM", disable=not progress, leave=False):
             try:
                 mapped = _load(registry, entry, target).transform(target.X)
+                if not np.isfinite(mapped).all():
+                    out.errors[entry.id] = _NON_FINITE
+                    continue
                 out.values[entry.id] = knn_loo_accuracy(mapped, target.labels, k=self.k)
             except _PER_ESM_ERRORS as err:
                 out.errors[entry.id] = f"{type(err).__name__}: {err}"
@@ -210,6 +233,7 @@ class BaseLogME(Scorer):
     """LogME on the base embeddings (no map): one value, the same for every source."""
 
     name = "logme"
+    options = ("prefilter", "layer")
 
     def score(self, target, registry, entries, *, progress=False) -> Scores:
         value = target.base_logme()
@@ -220,6 +244,7 @@ class TextEmb(Scorer):
     """Cosine of the mean base embeddings of target and source (Vu et al. 2020)."""
 
     name = "textemb"
+    options = ("prefilter", "layer")
 
     def score(self, target, registry, entries, *, progress=False) -> Scores:
         out = Scores()
@@ -254,8 +279,11 @@ class SourceLogME(Scorer):
     """LogME on target embeddings from each kept fine-tuned source encoder."""
 
     name = "source-logme"
+    options = ("batch_size", "prefilter")
 
     def __init__(self, *, batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"'batch_size' must be >= 1; got {batch_size}.")
         self.batch_size = batch_size
 
     def score(self, target, registry, entries, *, progress=False) -> Scores:
@@ -294,6 +322,7 @@ class RandomScorer(Scorer):
     """Seeded uniform random scores: the floor any method should beat."""
 
     name = "random"
+    options = ("seed", "prefilter")
 
     def __init__(self, *, seed: int = 0) -> None:
         self.seed = seed
@@ -341,10 +370,55 @@ def available_methods() -> tuple[str, ...]:
     return tuple(SCORERS)
 
 
-def get_scorer(method: str, **options) -> Scorer:
-    """Instantiate a scorer by method name; options go to its constructor."""
+def scorer_class(method: str) -> type[Scorer]:
+    """The scorer class of a method name.
+
+    Raises
+    ------
+    ConfigError
+        When no method has that name.
+    """
     if method not in SCORERS:
         hint = " ('kernel' is registered by importing stepstone.finetune.kernel or stepstone)" \
             if method == "kernel" else ""
-        raise ValueError(f"'method' must be one of {list(SCORERS)}; got {method!r}{hint}.")
+        raise ConfigError(f"'method' must be one of {list(SCORERS)}; got {method!r}{hint}.")
+    return SCORERS[method]
+
+
+def check_options(method: str, given: Iterable[str], *, rank: bool = True) -> None:
+    """Refuse any option ``method`` does not take, naming the ones it does.
+
+    ``given``: option names (``rank()``'s keywords such as ``approx_rank``, or the
+    scorer's own). With ``rank=False`` only the scorer's constructor options count.
+
+    Raises
+    ------
+    ConfigError
+        ``"method 'knn' does not take 'approx_rank'; it takes: k, prefilter, layer."``
+    """
+    cls = scorer_class(method)
+    takes = [o for o in cls.options if rank or o not in RANK_OPTIONS]
+    for name in given:
+        if name not in takes:
+            raise ConfigError(f"method {method!r} does not take {name!r}; it takes: "
+                              f"{', '.join(takes) or 'no options'}.")
+
+
+def check_label_kind(method: str, label_kind: str) -> None:
+    """Refuse a target whose label kind ``method`` cannot score."""
+    kinds = scorer_class(method).label_kinds
+    if label_kind not in kinds:
+        raise ConfigError(f"method {method!r} needs a {' or '.join(kinds)} target; got "
+                          f"{label_kind}.")
+
+
+def get_scorer(method: str, **options) -> Scorer:
+    """Instantiate a scorer by method name; options go to its constructor.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown method, an option it does not take, or an invalid value.
+    """
+    check_options(method, options, rank=False)
     return SCORERS[method](**options)

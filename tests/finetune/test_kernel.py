@@ -416,3 +416,18 @@ def test_source_encoder_fine_tunes_a_builtin_source(tiny_encoder, small_task, mo
         assert tuned.fingerprint != tiny_encoder.fingerprint
         assert tuned.model is not tiny_encoder.model
         assert tuned.max_length == tiny_encoder.max_length
+
+
+def test_prompt_formulation_batches_on_the_model_device(tiny_mlm):
+    """Weights on ``meta``, forward guarded (tests/conftest.py): a batch left on the CPU
+    fails the guard."""
+    import copy
+
+    from tests.conftest import ReachedForward, guard_devices
+
+    model, tok = tiny_mlm
+    meta = guard_devices(copy.deepcopy(model).to("meta"))
+    form = PromptFormulation(meta, tok, ["good", "bad"], max_length=32)
+    texts, _ = make_texts(3)
+    with pytest.raises(ReachedForward):
+        compute_kernel(form, texts, progress=False)

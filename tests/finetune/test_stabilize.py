@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -45,7 +44,7 @@ def _one_thread():
 
 def _model(tiny_encoder, seed: int = 11) -> TaskModel:
     torch.manual_seed(seed)
-    return TaskModel(copy.deepcopy(tiny_encoder), 2)
+    return TaskModel(tiny_encoder.copy(), 2)
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -249,7 +248,6 @@ def _count_steps(monkeypatch) -> list[int]:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(T, "train_step", counting)
-    monkeypatch.setattr(S, "train_step", counting)
     return calls
 
 
@@ -365,3 +363,80 @@ def test_copies_get_fresh_adamw_at_constant_group_lrs(tiny_encoder, small_task, 
                            model.backbone.embeddings.word_embeddings.weight)
         assert not torch.equal(c.head.weight, model.head.weight)
     assert [g["lr"] for g in opt.param_groups] != peak  # the main schedule had moved on
+
+
+def _assert_same_members(a, b) -> None:
+    assert len(a.members) == len(b.members)
+    for ma, mb in zip(a.members, b.members, strict=True):
+        for (name, x), y in zip(ma.state_dict().items(), mb.state_dict().values(),
+                                strict=True):
+            assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(kind="swa", swa_start=0.99),  # SWA would start after the last step
+    dict(kind="deni", members=2, interpolation_interval=100, ensemble_start=0.99),  # no event
+])
+def test_a_switched_off_stabiliser_is_the_plain_run(tiny_encoder, small_task, kwargs):
+    ref = _model(tiny_encoder)
+    plain = finetune(ref, small_task.train, label_kind="classification", settings=SETTINGS,
+                     progress=False)
+    result = train_stabilized(_model(tiny_encoder), small_task.train,
+                              label_kind="classification", settings=SETTINGS,
+                              stabilizer=StabilizerSettings(**kwargs), progress=False)
+    assert result.losses == plain.losses and result.model_steps == 24 and result.warnings
+    for (name, a), b in zip(ref.state_dict().items(), result.model.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("kwargs,every", [
+    (dict(kind="swa", swa_every=5), 5),   # killed before SWA starts (step 6)
+    (dict(kind="swa", swa_every=5), 7),   # killed with an average and SWALR running
+    (DENI, 10),                           # killed inside the first interpolation round
+    (DENI, 23),                           # killed inside the delayed ensemble
+    (dict(kind="ensemble", members=2), 5),
+])
+def test_stabilized_runs_resume_to_the_uninterrupted_result(tiny_encoder, small_task, tmp_path,
+                                                            monkeypatch, kwargs, every):
+    stabilizer = StabilizerSettings(**kwargs)
+    run = dict(label_kind="classification", settings=SETTINGS, stabilizer=stabilizer,
+               progress=False)
+    full = train_stabilized(_model(tiny_encoder), small_task.train, **run)
+    ckpt = tmp_path / "ckpt"
+    real = T._write_checkpoint
+
+    def write_then_die(*args, **kw):
+        real(*args, **kw)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "_write_checkpoint", write_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            train_stabilized(_model(tiny_encoder), small_task.train, checkpoint_dir=ckpt,
+                             checkpoint_every=every, **run)
+    resumed = train_stabilized(_model(tiny_encoder), small_task.train, checkpoint_dir=ckpt,
+                               checkpoint_every=every, **run)
+    assert resumed.losses == full.losses and resumed.model_steps == full.model_steps
+    _assert_same_members(full, resumed)
+    assert not any(ckpt.rglob(T.CHECKPOINT_STATE))  # removed on success
+
+
+def test_a_checkpoint_resumes_only_under_the_same_stabiliser(tiny_encoder, small_task,
+                                                             tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    real = T._write_checkpoint
+
+    def write_then_die(*args, **kw):
+        real(*args, **kw)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "_write_checkpoint", write_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(_model(tiny_encoder), small_task.train, label_kind="classification",
+                     settings=SETTINGS, progress=False, checkpoint_dir=ckpt, checkpoint_every=4)
+    with pytest.raises(T.TrainingError, match="different run"):
+        train_stabilized(_model(tiny_encoder), small_task.train, label_kind="classification",
+                         settings=SETTINGS, stabilizer=StabilizerSettings(kind="swa"),
+                         progress=False, checkpoint_dir=ckpt, checkpoint_every=4)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -23,7 +21,7 @@ SETTINGS = FinetuneSettings(lr=1e-3, epochs=2, batch_size=4, warmup_ratio=0.2, s
 
 def _model(tiny_encoder) -> TaskModel:
     torch.manual_seed(11)
-    return TaskModel(copy.deepcopy(tiny_encoder), 2)
+    return TaskModel(tiny_encoder.copy(), 2)
 
 
 def _interrupt_at(monkeypatch, write_number: int) -> None:
@@ -111,8 +109,8 @@ def test_optimizer_state_round_trips(tiny_encoder, small_task):
     loss = model(dict(model.encoder.tokenizer(["good movie"], return_tensors="pt"))).sum()
     loss.backward()
     opt.step()
-    tensors, meta = T._optimizer_to_flat(opt)
-    rebuilt = T._optimizer_from_flat(tensors, meta)
+    tensors, meta = T.optimizer_to_flat(opt)
+    rebuilt = T.optimizer_from_flat(tensors, meta)
     original = opt.state_dict()
     assert rebuilt["param_groups"] == original["param_groups"]
     for i, state in original["state"].items():
@@ -128,3 +126,34 @@ def test_metrics_from_outputs():
     assert metrics_from_outputs(logits.argmax(1), labels, "classification") == m
     r = metrics_from_outputs(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0]), "regression")
     assert r["mse"] == pytest.approx(1 / 3) and r["pearson"] > 0.95
+
+
+@pytest.mark.parametrize("warmup_ratio", [0.0, 0.2])
+def test_schedule_is_the_linear_warmup_and_decay_step_by_step(tiny_encoder, warmup_ratio):
+    """Learning rates equal, bit for bit, the formula the loop has always used; and why it
+    is not transformers' get_linear_schedule_with_warmup: that one warms up a step later."""
+    from transformers import get_linear_schedule_with_warmup
+
+    total = 16
+    settings = FinetuneSettings(lr=1e-3, warmup_ratio=warmup_ratio)
+    warmup = int(total * warmup_ratio)
+    want = [settings.lr * ((s + 1) / max(1, warmup) if s < warmup
+                           else max(0.0, (total - s) / max(1, total - warmup)))
+            for s in range(total)]
+
+    def rates(opt, sched) -> list[list[float]]:
+        out = []
+        for _ in range(total):
+            out.append([g["lr"] for g in opt.param_groups])
+            opt.step()
+            sched.step()
+        return out
+
+    got = rates(*build_optimizer(_model(tiny_encoder), settings, total, "llrd:1e-3,1.0"))
+    assert got == [[w] * len(got[0]) for w in want]  # exact, every group
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
+    hf = [r[0] for r in rates(opt, get_linear_schedule_with_warmup(opt, warmup, total))]
+    if warmup == 0:
+        assert hf == want
+    else:
+        assert hf[0] == 0.0 and hf[1:warmup + 1] == want[:warmup] and hf != want

@@ -35,7 +35,7 @@ def test_flat_search_equals_brute_force():
 
 def test_index_follows_registry_changes(tmp_path, tiny_encoder):
     ident = tiny_encoder.identity
-    reg = Registry(tmp_path, create=True)
+    reg = Registry(tmp_path, "w", create=True)
     vecs = np.eye(32, dtype=np.float32)
     for i in range(3):
         _add(reg, ident, i, vecs[i])

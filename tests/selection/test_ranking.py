@@ -202,3 +202,114 @@ def test_source_logme_uses_kept_models(tmp_path, tiny_model_dir, target_task):
     target = prepare_target(target_task, encoder)
     expected = logme_score(tuned.embed(target.texts, progress=False), target.labels)
     assert r.rows[0].score == pytest.approx(expected, rel=1e-6)
+
+
+# -- options: each method declares the ones it takes; the rest are refused up front ----------
+def test_each_method_declares_its_constructor_options():
+    import inspect
+
+    import stepstone.finetune.kernel  # noqa: F401  (registers 'kernel')
+    from stepstone.selection.scorers import RANK_OPTIONS, SCORERS
+
+    for name, cls in SCORERS.items():
+        params = inspect.signature(cls.__init__).parameters.values()
+        own = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert own == set(cls.options) - set(RANK_OPTIONS), name
+        assert "prefilter" in cls.options, name  # a candidate filter: applies to every method
+
+
+@pytest.mark.parametrize(("method", "options", "message"), [
+    ("knn", {"approx_rank": 5},
+     "method 'knn' does not take 'approx_rank'; it takes: k, prefilter, layer."),
+    ("random", {"layer": 1}, "method 'random' does not take 'layer'; it takes: seed, prefilter."),
+    ("source-logme", {"layer": "auto"}, "method 'source-logme' does not take 'layer'"),
+    ("esm-logme", {"scorer_options": {"k": 3}},
+     "method 'esm-logme' does not take 'k'; it takes: approx_rank, chunk."),
+    ("esm-logme", {"scorer_options": {"prefilter": 3}}, "does not take 'prefilter'"),
+    ("no-such", {}, "'method' must be one of"),
+    ("esm-logme", {"top": 0}, "'top' must be an int >= 1 or None; got 0."),
+    ("esm-logme", {"top": -3}, "'top' must be an int >= 1 or None; got -3."),
+    ("esm-logme", {"approx_rank": 0}, "'approx_rank' must be a positive int or None; got 0."),
+    ("esm-logme", {"prefilter": 0}, "'prefilter' must be an int >= 1 or None; got 0."),
+    ("esm-logme", {"max_examples": 1}, "'max_examples' must be an int >= 2 or None; got 1."),
+    ("esm-logme", {"layer": 0}, "'layer' must be an int >= 1 or None; got 0."),
+    ("esm-logme", {"exit_threshold": 0.9}, "'exit_threshold' applies only with layer='auto'"),
+    ("esm-logme", {"pooling": "cls"}, "'pooling' applies to an encoder given by name"),
+    ("esm-logme", {"task_options": {"text_column": "s"}}, "'task_options' apply to a target"),
+])
+def test_rank_refuses_options_before_any_work(tmp_path, tiny_model_dir, target_task,
+                                              monkeypatch, method, options, message):
+    import stepstone.selection.ranking as ranking
+    from stepstone.esm.errors import ConfigError
+
+    monkeypatch.setattr(ranking, "prepare_target", lambda *a, **k: pytest.fail("embedded"))
+    enc = load_encoder(str(tiny_model_dir), max_length=32)
+    # A missing registry: opening it would raise RegistryError, so the check comes first.
+    with pytest.raises(ConfigError) as err:
+        rank(target_task, tmp_path / "no-registry", method, encoder=enc, cache=False,
+             progress=False, **options)
+    assert message in str(err.value)
+
+
+def test_knn_refuses_a_regression_target_before_embedding(tiny_registry, tiny_model_dir,
+                                                          monkeypatch):
+    import stepstone.selection.ranking as ranking
+    from stepstone.esm.errors import ConfigError
+
+    monkeypatch.setattr(ranking, "prepare_target", lambda *a, **k: pytest.fail("embedded"))
+    texts, _ = make_texts(40, seed=3)
+    task = make_task("reg", texts, [float(i % 7) for i in range(40)], label_kind="regression")
+    with pytest.raises(ConfigError, match="method 'knn' needs a classification target"):
+        _rank(tiny_registry, task, tiny_model_dir, method="knn")
+
+
+def test_scorers_list_expected_failures_and_let_bugs_through(tiny_registry, target_task,
+                                                             tiny_model_dir, monkeypatch):
+    """Per-source errors: the library's own and named numerical failures; not bugs."""
+    from stepstone.esm.model import EmbeddingSpaceMap
+
+    def singular(self, X):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(EmbeddingSpaceMap, "transform", singular)
+    r = _rank(tiny_registry, target_task, tiny_model_dir, method="knn")
+    assert len(r) == 0 and len(r.errors) == 4
+    assert all(v.startswith("LinAlgError") for v in r.errors.values())
+
+    def nan_map(self, X):
+        return np.full_like(X, np.nan)
+
+    monkeypatch.setattr(EmbeddingSpaceMap, "transform", nan_map)
+    r = _rank(tiny_registry, target_task, tiny_model_dir, method="knn")
+    assert len(r) == 0 and set(r.errors.values()) == {
+        "the ESM maps the target's embeddings to NaN or inf"}
+
+    def bug(self, X):
+        raise RuntimeError("a bug in the map")
+
+    monkeypatch.setattr(EmbeddingSpaceMap, "transform", bug)
+    with pytest.raises(RuntimeError, match="a bug in the map"):
+        _rank(tiny_registry, target_task, tiny_model_dir, method="knn")
+
+
+def test_cli_rank_prints_before_side_files_into_new_folders(tiny_registry, tmp_path,
+                                                            tiny_model_dir, capsys, monkeypatch):
+    import pandas as pd
+
+    texts, labels = make_texts(40, seed=5)
+    pd.DataFrame({"s": texts, "y": labels}).to_csv(tmp_path / "t.csv", index=False)
+    argv = ["rank", str(tmp_path / "t.csv"), "--registry", str(tiny_registry),
+            "--text-column", "s", "--label-column", "y", "--encoder", str(tiny_model_dir),
+            "--no-cache", "--quiet"]
+    csv, png = tmp_path / "new" / "deeper" / "r.csv", tmp_path / "plots" / "r.png"
+    assert main([*argv, "--csv", str(csv), "--plot", str(png)]) == 0
+    assert "Ranking of 4 sources" in capsys.readouterr().out
+    assert len(pd.read_csv(csv)) == 4 and png.stat().st_size > 1000
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Ranking, "to_csv", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main([*argv, "--csv", str(tmp_path / "again.csv")])
+    assert "Ranking of 4 sources" in capsys.readouterr().out  # shown before the write
