@@ -392,7 +392,7 @@ def export_source_esms(reg, src: str, task, base, protocol: Protocol, seed: int,
     if not todo:
         return written
     kept = source_entry(reg, src, base)
-    tuned_model = load_task_model(reg.model_dir(kept.id), name=base.name)
+    tuned_model = load_task_model(reg.model_dir(kept.id), name=base.name, device=base.device)
     capped = task.subsample(max_train=settings.max_examples, max_test=settings.max_eval,
                             seed=settings.finetune.seed)
     inputs = capped.train.inputs()
@@ -539,6 +539,7 @@ def run(
     progress: bool = True,
     executor=None,
     targets: str | list[str] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run every cell of this shard that ``results`` does not hold yet.
 
@@ -546,6 +547,10 @@ def run(
     source fine-tunes and then the cells run as Ray jobs (the registry folders under
     ``work`` must be on storage every node sees), and this process alone writes the
     registries and ``results``. Default: one cell after another in this process.
+
+    ``device``: where the local path fine-tunes and evaluates (``cuda``, ``cuda:1``, ...;
+    several shard processes may share one GPU). The device is not part of the
+    protocol: rows from any device share its key.
 
     ``targets``: only these targets (ids; default: every task), e.g. a second seed on a
     subset of the matrix; every task is still a source.
@@ -573,7 +578,7 @@ def run(
         t.split(":", 1)[-1] for t in resolve_tasks(targets, minimum=1)]
     if encoder and Path(encoder).is_dir():
         encoder = str(Path(encoder).resolve())  # rows name it; the table reloads it by name
-    base = load_encoder(encoder or DEFAULT_ENCODER)
+    base = load_encoder(encoder or DEFAULT_ENCODER, device=device)
     record = protocol.record(base)
     key = Protocol.key_of(record)
     targets = {t: task.subsample(max_train=protocol.target_max_train,
@@ -643,7 +648,8 @@ def run(
                 source_id = entry.id
                 export_source_esms(reg, src, full_tasks[src], base, protocol, seed,
                                    out=esm_out, cache=cache)
-                start = load_task_model(reg.model_dir(entry.id), name=base.name).encoder
+                start = load_task_model(reg.model_dir(entry.id), name=base.name,
+                                        device=base.device).encoder
                 reg.close()
             for _, _, tgt in cells:
                 bar.set_postfix_str(f"s{seed} {src or '(none)'} -> {tgt}")
@@ -704,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--targets", default=None,
                        help="Only these targets (comma-separated ids; default: every task), "
                             "e.g. a second seed on part of the matrix.")
+    p_run.add_argument("--device", default="cpu",
+                       help="torch device of the local run (e.g. cuda; shards may share one).")
     p_run.add_argument("--quiet", action="store_true", help="No progress bars.")
     from stepstone.cli import add_config_args, config_from_args
     from stepstone.finetune.executor import ExecutorSettings
@@ -726,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol = config_from_args(Protocol, args, base=PROTOCOLS[args.protocol])
     summary = run(tasks=args.tasks, seeds=args.seeds, shard=args.shard, work=args.work,
                   results=args.results, encoder=args.encoder, protocol=protocol,
-                  progress=not args.quiet, targets=args.targets,
+                  progress=not args.quiet, targets=args.targets, device=args.device,
                   executor=config_from_args(ExecutorSettings, args))
     print(json.dumps(summary, indent=2))
     return 0
