@@ -36,16 +36,12 @@ import torch
 
 from stepstone.esm.catalog import load_builtin
 from stepstone.esm.encoder import load_encoder
-from stepstone.finetune.kernel import (
-    ClassifierFormulation,
-    FewShotFinetuneSettings,
-    KernelSettings,
-    compute_kernel,
-    few_shot,
-    kernel_metrics,
-    solve,
-)
-from stepstone.finetune.train import TaskModel, evaluate, finetune
+from stepstone.esm.taskmodel import TaskModel
+from stepstone.finetune.kernel import FewShotFinetuneSettings
+from stepstone.finetune.train import evaluate, finetune
+from stepstone.selection.entk import compute_kernel
+from stepstone.selection.entk_formulations import ClassifierFormulation
+from stepstone.selection.entk_solvers import KernelSettings, few_shot, kernel_metrics, solve
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ("movie_polarity", "sms_spam", "crowdflower_sentiment3")

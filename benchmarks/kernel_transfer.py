@@ -71,10 +71,10 @@ def run_pass(*, matrix: str | Path = MATRIX_FILE, results: str | Path = RESULTS_
     from tqdm.auto import tqdm
 
     from stepstone.esm.cache import EmbeddingCache
-    from stepstone.esm.data import load_task
     from stepstone.esm.registry import Registry
-    from stepstone.finetune.kernel import KernelScorer
+    from stepstone.esm.specs import load_task
     from stepstone.selection.ranking import prepare_target
+    from stepstone.selection.scorers import KernelScorer
 
     tm = _matrix_module()
     matrix_rows = tm.read_rows(matrix)

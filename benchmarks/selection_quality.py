@@ -5,7 +5,8 @@ Reads the ground-truth transfer matrix (``transfer_matrix.jsonl``, written by
 each method, then compares the ranking with the measured performances.
 
 Definitions (per target T; perf = the target test metric, accuracy by default,
-mean over the seeds; perf_none(T) = T fine-tuned without an intermediate step):
+mean over the seeds; perf_none(T) = T fine-tuned without an intermediate step); the
+metrics and the ground-truth loader are ``stepstone.selection.metrics``:
 
 * regret@k = 100 * (best - best_topk) / best, with
   best = max(max_S perf(S, T), perf_none(T)) and best_topk = the largest perf(S, T)
@@ -62,11 +63,18 @@ import logging
 import statistics
 import sys
 import time
-from itertools import permutations
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stepstone.selection.metrics import (
+    GroundTruth,
+    load_ground_truth,
+    ndcg_at_k,
+    regret_at_k,
+    spearman_gain,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -95,168 +103,6 @@ def _script_module(name: str):
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
     return mod
-
-
-# -- metrics (pure functions on one target) -------------------------------------------------
-def regret_at_k(perf: dict[str, float], order: list[str], k: int, *,
-                baseline: float | None = None) -> float:
-    """100 * (best - best of the top k) / best.
-
-    perf: source -> measured target performance; order: sources, best first (only
-    sources in ``perf`` count); baseline: performance without an intermediate step,
-    included in ``best`` when given.
-    """
-    ranked = [s for s in order if s in perf]
-    if not ranked or k < 1:
-        raise ValueError(f"Need k >= 1 and at least one ranked source; got k={k}, "
-                         f"{len(ranked)} ranked.")
-    best = max(perf.values())
-    if baseline is not None:
-        best = max(best, baseline)
-    picked = max(perf[s] for s in ranked[:k])
-    return 100.0 * (best - picked) / best
-
-
-def ndcg_at_k(perf: dict[str, float], order: list[str], k: int = 5) -> float:
-    """NDCG@k of ``order`` with relevance perf - min(perf) (sklearn ``ndcg_score``)."""
-    from sklearn.metrics import ndcg_score
-
-    ranked = [s for s in order if s in perf]
-    if len(ranked) < 2:
-        return 1.0
-    rel = np.array([perf[s] for s in ranked], dtype=np.float64)
-    rel -= rel.min()
-    if not rel.any():
-        return 1.0  # every order of equally good sources is ideal
-    score = -np.arange(len(ranked), dtype=np.float64)  # the order itself, no ties
-    return float(ndcg_score(rel[None, :], score[None, :], k=k))
-
-
-def spearman_gain(perf: dict[str, float], order: list[str], baseline: float) -> float:
-    """Spearman correlation of the order with the gains perf - baseline (nan when the
-    gains are all equal)."""
-    from scipy.stats import spearmanr
-
-    ranked = [s for s in order if s in perf]
-    gains = np.array([perf[s] - baseline for s in ranked])
-    if len(ranked) < 2 or np.ptp(gains) == 0:
-        return float("nan")
-    return float(spearmanr(-np.arange(len(ranked)), gains).statistic)
-
-
-# -- ground truth -----------------------------------------------------------------------------
-@dataclasses.dataclass
-class GroundTruth:
-    """Measured performances of one protocol.
-
-    perf[seed][(source, target)], base[seed][target]; ``mean_perf`` and
-    ``mean_base`` average over the seeds that have the cell.
-    """
-
-    protocol_key: str
-    protocol: dict[str, Any]
-    metric: str
-    tasks: list[str]
-    seeds: list[int]
-    perf: dict[int, dict[tuple[str, str], float]]
-    base: dict[int, dict[str, float]]
-    specs: dict[str, str]
-
-    def mean_perf(self, target: str) -> dict[str, float]:
-        out = {}
-        for s in self.tasks:
-            vals = [self.perf[sd][(s, target)] for sd in self.seeds
-                    if (s, target) in self.perf[sd]]
-            if s != target and vals:
-                out[s] = float(np.mean(vals))
-        return out
-
-    def mean_base(self, target: str) -> float:
-        vals = [self.base[sd][target] for sd in self.seeds if target in self.base[sd]]
-        return float(np.mean(vals)) if vals else float("nan")
-
-    def targets(self) -> list[str]:
-        """Targets with a baseline and at least one source."""
-        return [t for t in self.tasks if self.mean_perf(t) and np.isfinite(self.mean_base(t))]
-
-    def gains(self) -> np.ndarray:
-        """(source x target) mean gain, nan on the diagonal and for missing cells."""
-        g = np.full((len(self.tasks), len(self.tasks)), np.nan)
-        for j, t in enumerate(self.tasks):
-            perf, b = self.mean_perf(t), self.mean_base(t)
-            for i, s in enumerate(self.tasks):
-                if s in perf:
-                    g[i, j] = perf[s] - b
-        return g
-
-    def cell_std(self) -> float:
-        """Std (ddof=1) of each cell and baseline across seeds, mean over cells."""
-        stds = []
-        keys = {k for sd in self.seeds for k in self.perf[sd]}
-        for k in keys:
-            v = [self.perf[sd][k] for sd in self.seeds if k in self.perf[sd]]
-            if len(v) > 1:
-                stds.append(np.std(v, ddof=1))
-        for t in self.tasks:
-            v = [self.base[sd][t] for sd in self.seeds if t in self.base[sd]]
-            if len(v) > 1:
-                stds.append(np.std(v, ddof=1))
-        return float(np.mean(stds)) if stds else float("nan")
-
-    def split_seed_oracle(self) -> dict[str, float]:
-        """regret@k of ranking by seed a's measurements, scored on seed b's (mean over
-        ordered pairs a != b and targets): the regret the ground truth's noise alone causes."""
-        out: dict[str, list[float]] = {f"regret@{k}": [] for k in KS}
-        for a, b in permutations(self.seeds, 2):
-            for t in self.tasks:
-                pa = {s: self.perf[a][(s, t)] for s in self.tasks if (s, t) in self.perf[a]}
-                pb = {s: self.perf[b][(s, t)] for s in self.tasks if (s, t) in self.perf[b]}
-                common = sorted(set(pa) & set(pb))
-                if not common or t not in self.base[b]:
-                    continue
-                order = sorted(common, key=lambda s, pa=pa: (-pa[s], s))
-                for k in KS:
-                    out[f"regret@{k}"].append(regret_at_k(
-                        {s: pb[s] for s in common}, order, k, baseline=self.base[b][t]))
-        return {k: float(np.mean(v)) if v else float("nan") for k, v in out.items()}
-
-
-def load_ground_truth(rows: list[dict[str, Any]], *, protocol_key: str | None = None,
-                      metric: str = "accuracy") -> GroundTruth:
-    keys = sorted({r["protocol_key"] for r in rows})
-    if not keys:
-        raise ValueError("The results file holds no transfer-matrix rows.")
-    if protocol_key is None:
-        if len(keys) > 1:
-            raise ValueError(f"The results file holds several protocols {keys}; pick one "
-                             f"with --protocol.")
-        protocol_key = keys[0]
-    rows = [r for r in rows if r["protocol_key"] == protocol_key]
-    if not rows:
-        raise ValueError(f"No rows with protocol {protocol_key!r}; the file has {keys}.")
-    if metric not in rows[0]:
-        raise ValueError(f"Rows have no metric {metric!r}; they have "
-                         f"{sorted(k for k, v in rows[0].items() if isinstance(v, float))}.")
-    seeds = sorted({r["seed"] for r in rows})
-    perf: dict[int, dict] = {s: {} for s in seeds}
-    base: dict[int, dict] = {s: {} for s in seeds}
-    specs: dict[str, str] = {}
-    tasks: list[str] = []
-    for r in rows:
-        for name in (r["source"], r["target"]):
-            if name is not None and name not in tasks:
-                tasks.append(name)
-        specs[r["target"]] = r["target_spec"]
-        if r["source"] is None:
-            store, key = base[r["seed"]], r["target"]
-        else:
-            store, key = perf[r["seed"]], (r["source"], r["target"])
-        if key in store:
-            logger.warning("Cell %s seed %s appears twice; keeping the first.", key, r["seed"])
-            continue
-        store[key] = float(r[metric])
-    return GroundTruth(protocol_key, rows[0]["protocol"], metric, sorted(tasks), seeds, perf,
-                       base, specs)
 
 
 # -- methods ------------------------------------------------------------------------------------
@@ -335,10 +181,10 @@ def build_variants(work: Path, gt: GroundTruth, encoder, *, lowrank: int, cache=
                    progress: bool = False) -> None:
     """registry-lowrank and registry-fp16 from registry-s0 (resumable: keyed by the
     source entry's settings key)."""
-    from stepstone.esm.data import load_task
     from stepstone.esm.encoder import load_encoder
     from stepstone.esm.model import fit_esm
-    from stepstone.esm.registry import Registry, same_encoder
+    from stepstone.esm.registry import Registry
+    from stepstone.esm.specs import load_task
 
     s0 = Registry(work / "registry-s0")
     low = Registry(work / "registry-lowrank", "w", create=True)
@@ -346,7 +192,7 @@ def build_variants(work: Path, gt: GroundTruth, encoder, *, lowrank: int, cache=
     proto = gt.protocol
     rank_ = min(lowrank, encoder.dim)
     for e in s0.entries():
-        if not same_encoder(e.encoder_identity, encoder.identity):
+        if not e.encoder_identity.matches(encoder.identity):
             continue  # early-exit ESMs have no variants here
         profile = s0.profile(e.id)
         fp16_key = f"fp16-{e.settings_key}"
@@ -379,8 +225,8 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
     from tqdm.auto import tqdm
 
     from stepstone.esm.cache import EmbeddingCache
-    from stepstone.esm.data import load_task
     from stepstone.esm.registry import Registry
+    from stepstone.esm.specs import load_task
     from stepstone.selection.ranking import rank
 
     proto = gt.protocol
@@ -646,7 +492,7 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
         scores = {**scores, "methods": {**scores["methods"], "kernel (eNTK)": kernel}}
     quality = evaluate(gt, scores)
     g = gt.gains()
-    noise = {"cell_std": gt.cell_std(), "split_seed_oracle": gt.split_seed_oracle(),
+    noise = {"cell_std": gt.cell_std(), "split_seed_oracle": gt.split_seed_oracle(KS),
              "positive_share": float(np.mean(g[np.isfinite(g)] > 0))
              if np.isfinite(g).any() else 0.0,
              "mean_gain": float(np.nanmean(g)),

@@ -61,6 +61,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from stepstone.esm.atomic import append_line, atomic_path
+
 HERE = Path(__file__).resolve().parent
 RESULTS_FILE = HERE / "results" / "transfer_matrix.jsonl"
 WORK_DIR = HERE / "work" / "matrix"
@@ -190,26 +192,11 @@ PROTOCOLS: dict[str, Protocol] = {
 # -- tasks and cells ------------------------------------------------------------------
 def resolve_tasks(spec: str | Iterable[str], *, minimum: int = 2) -> list[str]:
     """Task specs from ``all`` / ``builtin:all`` / ids / ``builtin:id`` / file paths
-    (comma-separated or a list), in order, without duplicates."""
-    from stepstone.esm.catalog import builtin_ids, is_available
+    (comma-separated or a list), in order, without duplicates
+    (:func:`stepstone.esm.specs.expand_specs`); at least ``minimum`` of them."""
+    from stepstone.esm.specs import expand_specs
 
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for item in parts:
-        for p in (s.strip() for s in item.split(",")):
-            if not p:
-                continue
-            if p in ("all", "builtin:all"):
-                missing = [i for i in builtin_ids() if not is_available(i)]
-                if missing:
-                    logger.warning("Built-in tasks whose package is missing are left out: %s",
-                                   missing)
-                out += [f"builtin:{i}" for i in builtin_ids() if is_available(i)]
-            elif p in builtin_ids():
-                out.append(f"builtin:{p}")
-            else:
-                out.append(p)
-    out = list(dict.fromkeys(out))
+    out = expand_specs(spec)
     if len(out) < minimum:
         raise ValueError(f"A transfer matrix needs at least {minimum} tasks; got {out}.")
     return out
@@ -217,7 +204,7 @@ def resolve_tasks(spec: str | Iterable[str], *, minimum: int = 2) -> list[str]:
 
 def load_tasks(specs: list[str]) -> dict[str, Any]:
     """Task id -> full Task (files: columns ``text`` and ``label``)."""
-    from stepstone.esm.data import load_task
+    from stepstone.esm.specs import load_task
 
     tasks = {}
     for spec in specs:
@@ -299,17 +286,6 @@ def _end_with_newline(path: Path) -> None:
             append_line(path, "")
 
 
-def append_line(path: Path, text: str) -> None:
-    """Append ``text`` + newline with one ``write`` on an O_APPEND file, then fsync."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (text + "\n").encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- running ----------------------------------------------------------------------------
 def registry_dir(work: Path, protocol_key: str, seed: int) -> Path:
     return Path(work) / protocol_key / f"registry-s{seed}"
@@ -317,10 +293,8 @@ def registry_dir(work: Path, protocol_key: str, seed: int) -> Path:
 
 def source_entry(reg, task_id: str, encoder):
     """The full-depth entry with a kept model for ``task_id`` (exactly one expected)."""
-    from stepstone.esm.registry import same_encoder
-
     found = [e for e in reg.entries() if e.task_id == task_id and e.has_model
-             and same_encoder(e.encoder_identity, encoder.identity)]
+             and e.encoder_identity.matches(encoder.identity)]
     if len(found) != 1:
         raise RuntimeError(f"Expected one kept source model for {task_id!r} in {reg.path}; "
                            f"found {[e.id for e in found]}.")
@@ -381,11 +355,9 @@ def export_source_esms(reg, src: str, task, base, protocol: Protocol, seed: int,
     for entry in entries:
         dest = out / f"s{seed}" / primary / entry.id
         if not dest.exists():
-            tmp = dest.with_name(dest.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(reg.esm_dir(entry.id), tmp)
-            half(tmp)
-            os.replace(tmp, dest)
+            with atomic_path(dest) as tmp:
+                shutil.copytree(reg.esm_dir(entry.id), tmp)
+                half(tmp)
             written.append(dest)
         todo += [(entry, v) for v in protocol.variants
                  if not (out / f"s{seed}" / v / entry.id).exists()]
@@ -408,11 +380,9 @@ def export_source_esms(reg, src: str, task, base, protocol: Protocol, seed: int,
         esm.config.metrics.update({k: v for k, v in config.metrics.items()
                                    if k.startswith("source_test_")})
         dest = out / f"s{seed}" / variant / entry.id
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        esm.save(tmp)
-        half(tmp)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            esm.save(tmp)
+            half(tmp)
         written.append(dest)
     return written
 
@@ -456,8 +426,8 @@ def _cell_job(*, seed: int, src: str | None, tgt: str, start_dir: str | None,
     """One cell on an executor worker. Everything is reloaded by name or path (the
     base encoder, S's kept model from the registry folder, T from its spec), so only
     small arguments cross the wire; the driver writes the results file."""
-    from stepstone.esm.data import load_task
     from stepstone.esm.encoder import load_encoder
+    from stepstone.esm.specs import load_task
     from stepstone.finetune.train import load_task_model
 
     protocol = Protocol(**protocol_fields)

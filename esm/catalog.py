@@ -58,8 +58,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-
 from stepstone.esm.catalog_loaders import (
     CROWDFLOWER_MIN_CONFIDENCE,
     FORTUNE_CATEGORIES,
@@ -92,6 +90,7 @@ from stepstone.esm.catalog_loaders import (
     bolt_loader,
 )
 from stepstone.esm.data import DataError, LabelKind, Task, make_task, normalize_text
+from stepstone.esm.sampling import sample_indices
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +165,7 @@ class BuiltinTask:
     Parameters
     ----------
     task_id : str
-        Stable identifier (``builtin:<task_id>`` in :func:`stepstone.esm.data.load_task`).
+        Stable identifier (``builtin:<task_id>`` in :func:`stepstone.esm.specs.load_task`).
     package : str
         The PyPI distribution (see :data:`MODULE_NAMES` for its folder) or the Debian
         package (:data:`DEBIAN_PACKAGES`) holding the file.
@@ -692,13 +691,9 @@ def _prepare(
     if raw.test_texts is None:
         if len(rows.texts) <= entry.max_rows:
             return rows, None
-        if regression:
-            rng = np.random.default_rng(SEED)
-            keep = sorted(rng.choice(len(rows.texts), size=entry.max_rows,
-                                     replace=False).tolist())
-        else:
-            keep = _subsample(rows.labels, entry.max_rows, balance=entry.balance, seed=SEED)
-        return _take(rows, keep), None
+        keep = sample_indices(rows.labels, entry.max_rows, seed=SEED,
+                              label_kind=entry.label_kind, balance=entry.balance, ties="stable")
+        return _take(rows, keep.tolist()), None
     if raw.test_labels is None:
         raise DataError(f"Built-in task {entry.task_id!r}: the loader gave test texts "
                         "without test labels.")
@@ -718,74 +713,12 @@ def _prepare(
 def _cap_split(rows: _Rows, limit: int, regression: bool) -> _Rows:
     if len(rows.texts) <= limit:
         return rows
-    if regression:
-        rng = np.random.default_rng(SEED)
-        return _take(rows, sorted(rng.choice(len(rows.texts), size=limit,
-                                             replace=False).tolist()))
-    return _take(rows, _subsample_keeping_classes(rows.labels, limit, seed=SEED))
-
-
-def _subsample_keeping_classes(labels: Sequence[str], limit: int, *, seed: int) -> list[int]:
-    """Deterministic stratified sample of ``limit`` indices (in original order) that keeps
-    at least one example of every class: proportional quotas, largest remainders first."""
-    names = sorted(set(labels))
-    if limit < len(names):
-        raise DataError(f"Cannot keep all {len(names)} classes in a sample of {limit}.")
-    members = {c: [i for i, lab in enumerate(labels) if lab == c] for c in names}
-    counts = np.array([len(members[c]) for c in names])
-    exact = counts * limit / counts.sum()
-    quota = np.minimum(counts, np.maximum(1, np.floor(exact).astype(int)))
-    while quota.sum() > limit:  # the floor-of-one pushed it over: take from the richest
-        surplus = np.where(quota > 1, quota - exact, -np.inf)
-        quota[int(np.argmax(surplus))] -= 1
-    order = np.argsort(-(exact - quota), kind="stable")
-    i = 0
-    while quota.sum() < limit:
-        k = order[i % len(order)]
-        if quota[k] < counts[k]:
-            quota[k] += 1
-        i += 1
-    rng = np.random.default_rng(seed)
-    chosen: list[int] = []
-    for k, c in enumerate(names):
-        chosen.extend(rng.choice(members[c], size=int(quota[k]), replace=False).tolist())
-    return sorted(chosen)
-
-
-def _subsample(labels: Sequence[str], limit: int, *, balance: bool, seed: int) -> list[int]:
-    """Deterministic per-class sample of ``limit`` indices, in original order.
-
-    ``balance`` gives every class an equal share (classes smaller than their share
-    are kept whole and the rest is spread over the others); otherwise the class
-    proportions are kept (largest-remainder rounding).
-    """
-    names = sorted(set(labels))
-    members = {c: [i for i, lab in enumerate(labels) if lab == c] for c in names}
-    counts = np.array([len(members[c]) for c in names])
-    if balance:
-        quota = np.zeros(len(names), dtype=int)
-        left, open_ = limit, list(range(len(names)))
-        while open_ and left > 0:
-            share = left // len(open_)
-            small = [k for k in open_ if counts[k] - quota[k] <= share]
-            if not small:
-                for j, k in enumerate(open_):
-                    quota[k] += share + (1 if j < left - share * len(open_) else 0)
-                break
-            for k in small:
-                left -= counts[k] - quota[k]
-                quota[k] = counts[k]
-            open_ = [k for k in open_ if k not in small]
-    else:
-        exact = counts * limit / counts.sum()
-        quota = np.floor(exact).astype(int)
-        for k in np.argsort(-(exact - quota), kind="stable")[: limit - quota.sum()]:
-            quota[k] += 1
-    rng = np.random.default_rng(seed)
-    chosen: list[int] = []
-    for k, c in enumerate(names):
-        chosen.extend(rng.choice(members[c], size=int(quota[k]), replace=False).tolist())
-    return sorted(chosen)
+    if not regression and limit < len(set(rows.labels)):
+        raise DataError(f"Cannot keep all {len(set(rows.labels))} classes in a sample of "
+                        f"{limit}.")
+    keep = sample_indices(rows.labels, limit, seed=SEED, ties="stable",
+                          label_kind="regression" if regression else "classification")
+    return _take(rows, keep.tolist())
 
 
 def _check_acyclic(task_id: str, path: tuple[str, ...] = ()) -> None:

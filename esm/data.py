@@ -8,7 +8,9 @@ Parquet) or from the Hugging Face Hub; :func:`load_task` accepts all three.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
 import logging
 import math
 import re
@@ -20,12 +22,23 @@ from typing import Literal
 
 import numpy as np
 
-from stepstone.esm.errors import StepstoneError
+from stepstone.esm.errors import ConfigError, StepstoneError
+from stepstone.esm.sampling import draw_per_class, sample_indices, uniform_indices
 
 logger = logging.getLogger(__name__)
 
 LabelKind = Literal["classification", "regression"]
 LABEL_KINDS: tuple[str, ...] = ("classification", "regression")
+OnConflict = Literal["error", "drop"]
+ON_CONFLICT: tuple[str, ...] = ("error", "drop")
+# The label-kind rule, as printed beside every inferred kind (see infer_label_kind).
+RULE_GIVEN = "given as label_kind"
+RULE_TEXT = "inferred: the labels are not numbers, so each distinct value is a class"
+RULE_WHOLE = "inferred: every label is a whole number, so each distinct value is a class"
+RULE_REAL = ("inferred: the labels are numbers and not all whole, so they are regression "
+             "targets")
+FEW_VALUES = 10  # regression inferred from this many distinct values or fewer: a warning
+MANY_CLASSES = 50  # classes inferred from more whole numbers than this: a warning
 FILE_SUFFIXES: tuple[str, ...] = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 BUILTIN_PREFIX = "builtin:"
 
@@ -113,6 +126,9 @@ class Task:
     train, test : Split
     origin : str
         Where the data came from (package and file, path or hub name).
+    label_rule : str
+        How ``label_kind`` was decided: given, or the inference rule that chose it
+        (see :func:`infer_label_kind`); shown beside the kind in every output.
     """
 
     task_id: str
@@ -122,6 +138,7 @@ class Task:
     test: Split
     origin: str = ""
     description: str = field(default="", compare=False)
+    label_rule: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if self.label_kind not in LABEL_KINDS:
@@ -144,6 +161,18 @@ class Task:
     def num_labels(self) -> int:
         """Number of model outputs: classes, or 1 for regression."""
         return len(self.classes) if self.label_kind == "classification" else 1
+
+    def label_info(self) -> dict[str, object]:
+        """``{'kind', 'num_classes', 'rule'}``: the label kind, how it was decided, and the
+        class count (0 for regression), as printed by ``rank``, ``--json`` and builds."""
+        return {"kind": self.label_kind, "num_classes": len(self.classes),
+                "rule": self.label_rule or RULE_GIVEN}
+
+    def label_summary(self) -> str:
+        """``'classification, 2 classes (inferred: ...)'`` or ``'regression (given ...)'``."""
+        kind = self.label_kind + (f", {len(self.classes)} classes"
+                                  if self.label_kind == "classification" else "")
+        return f"{kind} ({self.label_rule or RULE_GIVEN})"
 
     def data_hash(self) -> str:
         """SHA-256 over both splits' texts and labels (16 hex chars)."""
@@ -170,7 +199,7 @@ class Task:
             return self
         return Task(
             self.task_id, self.label_kind, self.classes, train, test, self.origin,
-            self.description,
+            self.description, self.label_rule,
         )
 
     def __str__(self) -> str:
@@ -185,27 +214,7 @@ def _cap(split: Split, limit: int | None, kind: str, seed: int) -> Split:
         return split
     if limit < 1:
         raise DataError(f"A size cap must be a positive integer; got {limit}.")
-    rng = np.random.default_rng(seed)
-    if kind == "regression":
-        return split.take(np.sort(rng.choice(len(split), size=limit, replace=False)))
-    # Stratified: every class keeps its share (at least one example where possible).
-    labels = split.labels
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = np.maximum(1, np.floor(counts * limit / len(split)).astype(int))
-    while quota.sum() > limit:
-        quota[np.argmax(quota)] -= 1
-    order = np.argsort(-(counts * limit / len(split) - quota))
-    i = 0
-    while quota.sum() < limit:
-        c = order[i % len(order)]
-        if quota[c] < counts[c]:
-            quota[c] += 1
-        i += 1
-    chosen = [
-        rng.choice(np.flatnonzero(labels == c), size=q, replace=False)
-        for c, q in zip(classes, quota, strict=True)
-    ]
-    return split.take(np.sort(np.concatenate(chosen)))
+    return split.take(sample_indices(split.labels, limit, seed=seed, label_kind=kind))
 
 
 def _is_missing(value: object) -> bool:
@@ -219,22 +228,61 @@ def _is_missing(value: object) -> bool:
 
 
 def infer_label_kind(labels: Sequence[object]) -> LabelKind:
-    """Classification for strings, bools and integers; regression for non-integral floats."""
-    for value in labels:
-        if isinstance(value, (str, bool, np.bool_)):
-            return "classification"
-    values = np.asarray(labels, dtype=object)
-    try:
-        numeric = values.astype(np.float64)
-    except (TypeError, ValueError):
-        return "classification"
-    return "classification" if np.all(numeric == np.round(numeric)) else "regression"
+    """The label kind of ``labels`` by one explicit rule.
+
+    1. no label is a number (strings, booleans): classification, one class per value
+       (:data:`RULE_TEXT`);
+    2. every label is a number (numeric strings count) and all are whole:
+       classification, one class per value (:data:`RULE_WHOLE`);
+    3. every label is a number and some are not whole: regression (:data:`RULE_REAL`);
+    4. numbers mixed with non-numbers: refused with :class:`DataError`, since one stray
+       word in a numeric column would otherwise turn regression into classification.
+
+    Pass ``label_kind`` to :func:`make_task` to decide instead of inferring.
+    """
+    numeric = [_is_number(v) for v in labels]
+    if not all(numeric) and any(numeric):
+        first = labels[numeric.index(False)]
+        raise DataError(
+            f"The labels mix {sum(numeric)} numbers with {numeric.count(False)} non-numeric "
+            f"value(s) (e.g. {first!r}); pass label_kind='classification' or 'regression'.")
+    return _infer_kind(labels, numeric)[0]
+
+
+def _infer_kind(labels: Sequence[object], numeric: list[bool]) -> tuple[LabelKind, str]:
+    if not any(numeric):
+        return "classification", RULE_TEXT
+    values = np.asarray([float(v) for v in labels], dtype=np.float64)  # type: ignore[arg-type]
+    if np.all(values == np.round(values)):
+        return "classification", RULE_WHOLE
+    return "regression", RULE_REAL
 
 
 def _class_name(value: object) -> str:
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))
     return str(value)
+
+
+def _strip_labels(labels: list[object], where: str, what: str) -> list[object]:
+    """String labels without surrounding whitespace ('pos ' is 'pos'), with a warning
+    that says how many changed."""
+    changed = [v for v in labels if isinstance(v, str) and v != v.strip()]
+    if not changed:
+        return labels
+    logger.warning(
+        "%s: stripped surrounding whitespace from %d of %d values of %s (e.g. %r -> %r); "
+        "labels that differ only by it are one class.", where, len(changed), len(labels),
+        what, changed[0], changed[0].strip())  # type: ignore[union-attr]
+    return [v.strip() if isinstance(v, str) else v for v in labels]
+
+
+# A row: (normalised key, text, label, pair or None, index of the row in its input)
+_Row = tuple
+
+
+def _at(split: str, row: _Row) -> str:
+    return f"data row {row[4] + 1}" + (" of the test data" if split == "test" else "")
 
 
 def make_task(
@@ -248,6 +296,7 @@ def make_task(
     test_size: float = 0.2,
     seed: int = 0,
     drop_invalid: bool = False,
+    conflicts: OnConflict = "error",
     exclude_texts: frozenset[str] = frozenset(),
     test_texts: Sequence[object] | None = None,
     test_labels: Sequence[object] | None = None,
@@ -257,43 +306,106 @@ def make_task(
 ) -> Task:
     """Validate raw columns and build a :class:`Task` with a fixed, seeded split.
 
-    Rows are de-duplicated on the normalised text (the first occurrence wins), so
-    no text lands in both splits. ``exclude_texts`` (normalised) are dropped
-    entirely, which is how tasks that share texts with another task's test split
-    stay leak-free. When ``test_texts``/``test_labels`` are given, they are the
-    test split (texts also in train are removed from train); otherwise a
-    stratified ``test_size`` fraction is held out with ``seed``.
+    String labels lose surrounding whitespace (a warning says how many changed). The
+    label kind is ``label_kind`` when given, else inferred by the rule of
+    :func:`infer_label_kind`; the task records which (``Task.label_rule``).
+
+    Rows are de-duplicated on the normalised text (the first occurrence is kept). A
+    text that appears with different labels is never resolved by picking one:
+    ``conflicts='error'`` (the default) refuses the data and names the first such
+    text, ``conflicts='drop'`` drops every row of such texts (with a warning).
+    ``exclude_texts`` (normalised) are dropped entirely, which is how tasks that share
+    texts with another task's test split stay leak-free. When
+    ``test_texts``/``test_labels`` are given, they are the test split (texts also in
+    train are removed from train); otherwise a stratified ``test_size`` fraction is
+    held out with ``seed``. Messages name ``origin`` (the file) and the data row
+    (counted from 1, a header not counted).
 
     Raises
     ------
     DataError
         Empty data, missing texts or labels (unless ``drop_invalid``), a single
-        class, or a non-numeric regression label.
+        class, a non-numeric regression label (unless ``drop_invalid``), labels that
+        mix numbers and words (when inferring), or texts with conflicting labels
+        (unless ``conflicts='drop'``).
     """
     if label_kind is not None and label_kind not in LABEL_KINDS:
         raise DataError(f"'label_kind' must be one of {list(LABEL_KINDS)}; got {label_kind!r}.")
     if not 0.0 < test_size < 1.0:
         raise DataError(f"'test_size' must be in (0, 1); got {test_size}.")
-    train_rows = _clean_rows(task_id, "train", texts, labels, text_pairs, drop_invalid)
+    if conflicts not in ON_CONFLICT:
+        raise ConfigError(f"'conflicts' must be one of {list(ON_CONFLICT)}; got {conflicts!r}.")
+    src = f"Task {task_id!r}" + (f" from {origin}" if origin else "")
+    train_rows = _clean_rows(src, "train", texts, _strip_labels(list(labels), src, "the labels"),
+                             text_pairs, drop_invalid)
     test_rows = None
     if test_texts is not None or test_labels is not None:
         if test_texts is None or test_labels is None:
             raise DataError("Give both 'test_texts' and 'test_labels', or neither.")
-        test_rows = _clean_rows(task_id, "test", test_texts, test_labels, test_text_pairs,
-                                drop_invalid)
-    all_labels = [r[2] for r in train_rows] + [r[2] for r in (test_rows or [])]
-    kind: LabelKind = label_kind or infer_label_kind(all_labels)
+        test_rows = _clean_rows(
+            src, "test", test_texts, _strip_labels(list(test_labels), src, "the test labels"),
+            test_text_pairs, drop_invalid)
+
+    def splits() -> list[tuple[str, list[_Row]]]:
+        return [("train", train_rows)] + ([("test", test_rows)] if test_rows is not None else [])
+
+    tagged = [(split, r) for split, rows in splits() for r in rows]
+    rule = RULE_GIVEN
+    if label_kind is None:
+        numeric = [_is_number(r[2]) for _, r in tagged]
+        if any(numeric) and not all(numeric):
+            split, row = tagged[numeric.index(False)]
+            n_bad = numeric.count(False)
+            raise DataError(
+                f"{src}: the labels mix {sum(numeric)} numbers with {n_bad} non-numeric "
+                f"value{'s' if n_bad > 1 else ''} (e.g. {row[2]!r} at {_at(split, row)}), so "
+                "their kind cannot be inferred: as classes, a stray word would turn a numeric "
+                f"column into {len({_class_name(r[2]) for _, r in tagged})}-class "
+                "classification. Fix the value(s), or say what the labels are: "
+                "label_kind='regression' (with drop_invalid=True to drop non-numeric rows) or "
+                "label_kind='classification' (every distinct value a class); CLI: "
+                "--label-kind.")
+        kind, rule = _infer_kind([r[2] for _, r in tagged], numeric)
+    else:
+        kind = label_kind
 
     if kind == "regression":
-        bad = [v for v in all_labels if not _is_number(v)]
-        if bad:
+        bad = [(split, r) for split, r in tagged if not _is_number(r[2])]
+        if bad and not drop_invalid:
+            split, row = bad[0]
             raise DataError(
-                f"Task {task_id!r}: regression labels must be numeric; {len(bad)} are not "
-                f"(e.g. {bad[0]!r})."
-            )
+                f"{src}: regression labels must be numeric; {len(bad)} are not (e.g. "
+                f"{row[2]!r} at {_at(split, row)}). Fix those rows, or drop them with "
+                "drop_invalid=True (CLI: --drop-invalid).")
+        if bad:
+            split, row = bad[0]
+            logger.warning("%s: dropping %d row(s) whose regression label is not a number "
+                           "(first: %r at %s).", src, len(bad), row[2], _at(split, row))
+            train_rows = [r for r in train_rows if _is_number(r[2])]
+            if test_rows is not None:
+                test_rows = [r for r in test_rows if _is_number(r[2])]
+            if not train_rows:
+                raise DataError(f"{src}: no row has a numeric label.")
+
+    train_rows, test_rows = _resolve_conflicts(src, train_rows, test_rows, kind, conflicts,
+                                               exclude_texts)
+    all_labels = [r[2] for _, rows in splits() for r in rows]
+    if kind == "regression":
         class_names: tuple[str, ...] = ()
+        distinct = sorted({float(v) for v in all_labels})  # type: ignore[arg-type]
+        if label_kind is None and len(distinct) <= FEW_VALUES:
+            logger.warning(
+                "%s: the labels are numbers with only %d distinct values (%s), taken as "
+                "regression targets since not all are whole. If they are classes, pass "
+                "label_kind='classification' (CLI: --label-kind classification).", src,
+                len(distinct), ", ".join(f"{v:g}" for v in distinct))
     else:
         names = sorted({_class_name(v) for v in all_labels})
+        if label_kind is None and rule == RULE_WHOLE and len(names) > MANY_CLASSES:
+            logger.warning(
+                "%s: %d classes, one per whole-number label (%s). If the labels are "
+                "regression targets, pass label_kind='regression' (CLI: --label-kind "
+                "regression).", src, len(names), RULE_WHOLE)
         if classes is not None:
             unknown = sorted(set(names) - set(classes))
             if unknown:
@@ -338,7 +450,7 @@ def make_task(
         return Split(tuple(r[1] for r in rows), encode([r[2] for r in rows]), pairs)
 
     return Task(task_id, kind, class_names, build(train_rows), build(test_rows), origin,
-                description)
+                description, rule)
 
 
 def _is_number(value: object) -> bool:
@@ -350,43 +462,86 @@ def _is_number(value: object) -> bool:
         return False
 
 
-def _clean_rows(task_id, split, texts, labels, pairs, drop_invalid) -> list[tuple]:
+def _clean_rows(src, split, texts, labels, pairs, drop_invalid) -> list[_Row]:
     texts, labels = list(texts), list(labels)
+    what = src + (" (test data)" if split == "test" else "")
     if len(texts) != len(labels):
-        raise DataError(
-            f"Task {task_id!r} ({split}): {len(texts)} texts but {len(labels)} labels."
-        )
+        raise DataError(f"{what}: {len(texts)} texts but {len(labels)} labels.")
     if pairs is not None:
         pairs = list(pairs)
         if len(pairs) != len(texts):
-            raise DataError(
-                f"Task {task_id!r} ({split}): {len(texts)} texts but {len(pairs)} text pairs."
-            )
+            raise DataError(f"{what}: {len(texts)} texts but {len(pairs)} text pairs.")
     if not texts:
-        raise DataError(f"Task {task_id!r} ({split}): the data is empty (0 rows).")
-    bad_text = [i for i, t in enumerate(texts) if _is_missing(t) or not isinstance(t, str)]
-    if pairs is not None:
-        bad_text += [i for i, t in enumerate(pairs) if _is_missing(t) or not isinstance(t, str)]
-    bad_label = [i for i, v in enumerate(labels) if _is_missing(v)]
-    bad = sorted(set(bad_text) | set(bad_label))
+        raise DataError(f"{what}: no data rows (the data is empty).")
+    columns = [texts] if pairs is None else [texts, pairs]
+    missing_text = sorted({i for col in columns for i, t in enumerate(col) if _is_missing(t)})
+    other_text = sorted({i for col in columns for i, t in enumerate(col)
+                         if not _is_missing(t) and not isinstance(t, str)})
+    missing_label = [i for i, v in enumerate(labels) if _is_missing(v)]
+    bad = sorted(set(missing_text) | set(other_text) | set(missing_label))
     if bad and not drop_invalid:
-        raise DataError(
-            f"Task {task_id!r} ({split}): {len(set(bad_text))} rows have a missing or empty text "
-            f"and {len(bad_label)} a missing (NaN/empty) label, of {len(texts)} rows "
-            f"(first: row {bad[0]}). Pass drop_invalid=True (CLI: --drop-invalid) to drop them."
-        )
+        parts = []
+        if missing_text:
+            parts.append(f"{len(missing_text)} with a missing or empty text (first: data row "
+                         f"{missing_text[0] + 1})")
+        if other_text:
+            i = other_text[0]
+            value = next(col[i] for col in columns if not isinstance(col[i], str))
+            parts.append(f"{len(other_text)} whose text is not a string (first: data row "
+                         f"{i + 1}, {type(value).__name__} {value!r})")
+        if missing_label:
+            parts.append(f"{len(missing_label)} with a missing label: empty, or an NA-like "
+                         "value (NA, N/A, null, nan, None) that is read as missing (first: "
+                         f"data row {missing_label[0] + 1})")
+        raise DataError(f"{what}: of {len(texts)} rows, {'; '.join(parts)}. Fix those rows, "
+                        "or drop them with drop_invalid=True (CLI: --drop-invalid).")
     if bad:
-        logger.warning("Task %r (%s): dropping %d invalid rows of %d.", task_id, split,
-                       len(bad), len(texts))
+        logger.warning("%s: dropping %d invalid rows of %d (first: data row %d).", what,
+                       len(bad), len(texts), bad[0] + 1)
     skip = set(bad)
     rows = [
         (normalize_text(t if pairs is None else t + "\x1f" + pairs[i]), t, labels[i],
-         None if pairs is None else pairs[i])
+         None if pairs is None else pairs[i], i)
         for i, t in enumerate(texts) if i not in skip
     ]
     if not rows:
-        raise DataError(f"Task {task_id!r} ({split}): no valid rows left of {len(texts)}.")
+        raise DataError(f"{what}: no valid rows left of {len(texts)}.")
     return rows
+
+
+def _resolve_conflicts(src: str, train: list[_Row], test: list[_Row] | None, kind: str,
+                       conflicts: str, exclude: frozenset[str]
+                       ) -> tuple[list[_Row], list[_Row] | None]:
+    """Find texts that appear with different labels; refuse them or drop all their rows."""
+    def label(row: _Row) -> object:
+        return float(row[2]) if kind == "regression" else _class_name(row[2])
+
+    groups: dict[str, list[tuple[str, _Row]]] = {}
+    for split, rows in (("train", train), ("test", test or [])):
+        for r in rows:
+            if r[0].split("\x1f")[0] not in exclude:
+                groups.setdefault(r[0], []).append((split, r))
+    bad = {key: g for key, g in groups.items() if len({label(r) for _, r in g}) > 1}
+    if not bad:
+        return train, test
+    n_rows = sum(len(g) for g in bad.values())
+    (split_a, a), *others = next(iter(bad.values()))
+    split_b, b = next((s, r) for s, r in others if label(r) != label(a))
+    text = a[1] if len(a[1]) <= 60 else a[1][:57] + "..."
+    first = (f"{text!r} labelled {a[2]!r} at {_at(split_a, a)} and {b[2]!r} at "
+             f"{_at(split_b, b)}")
+    if conflicts == "error":
+        raise DataError(
+            f"{src}: {len(bad)} texts appear more than once with different labels "
+            f"({n_rows} rows); first: {first}. Keeping one of the labels would be a guess: "
+            "fix the data, or drop every row of these texts with conflicts='drop' (CLI: "
+            "--on-conflict drop).")
+    logger.warning("%s: dropped the %d rows of %d texts that appear with different labels "
+                   "(first: %s).", src, n_rows, len(bad), first)
+    train = [r for r in train if r[0] not in bad]
+    if not train:
+        raise DataError(f"{src}: no rows left after dropping the texts with conflicting labels.")
+    return train, None if test is None else [r for r in test if r[0] not in bad]
 
 
 def _dedupe(rows: list[tuple], exclude: frozenset[str]) -> list[tuple]:
@@ -405,22 +560,16 @@ def _split_rows(rows, kind, encode, test_size, seed):
     n = len(rows)
     if n < 2:
         raise DataError(f"Need at least 2 distinct rows to split into train and test; got {n}.")
-    rng = np.random.default_rng(seed)
     if kind == "classification":
         labels = encode([r[2] for r in rows])
-        test_idx = []
-        for c in np.unique(labels):
-            members = np.flatnonzero(labels == c)
-            k = int(round(len(members) * test_size))
-            if len(members) >= 2:
-                k = min(max(k, 1), len(members) - 1)
-            else:
-                k = 0
-            test_idx.extend(rng.choice(members, size=k, replace=False).tolist())
-        test_set = set(test_idx)
+        classes, counts = np.unique(labels, return_counts=True)
+        # each class of two or more rows keeps rows on both sides
+        quotas = [min(max(int(round(m * test_size)), 1), m - 1) if m >= 2 else 0
+                  for m in counts]
+        chosen = draw_per_class(labels, classes, quotas, np.random.default_rng(seed))
     else:
-        k = max(1, int(round(n * test_size)))
-        test_set = set(rng.choice(n, size=k, replace=False).tolist())
+        chosen = uniform_indices(n, max(1, int(round(n * test_size))), seed=seed)
+    test_set = set(chosen.tolist())
     train = [r for i, r in enumerate(rows) if i not in test_set]
     test = [r for i, r in enumerate(rows) if i in test_set]
     return train, test
@@ -429,31 +578,125 @@ def _split_rows(rows, kind, encode, test_size, seed):
 # ---------------------------------------------------------------------------- files & hub
 
 
-def read_table(path: str | Path):
-    """Read a CSV/TSV/JSON/JSONL/Parquet file into a pandas DataFrame."""
+def read_table(path: str | Path, *, encoding: str = "utf-8"):
+    """Read a CSV/TSV/JSON/JSONL/Parquet file into a pandas DataFrame.
+
+    ``encoding`` is the text encoding of CSV/TSV/JSON/JSONL files (Parquet carries its
+    own). Every failure is a :class:`DataError` that names the file, the line where
+    one applies, and the fix (another ``encoding``, the broken line, ...).
+    """
     import pandas as pd
 
+    _check_encoding(encoding)
     path = Path(path)
     if not path.exists():
         raise DataError(f"No such data file: {str(path)!r}.")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a data file; give one "
+                        f"{'/'.join(FILE_SUFFIXES)} file.")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return pd.read_csv(path)
-    if suffix == ".tsv":
-        return pd.read_csv(path, sep="\t")
-    if suffix == ".jsonl":
-        return pd.read_json(path, lines=True)
-    if suffix == ".json":
-        try:
-            return pd.read_json(path)
-        except ValueError:
-            return pd.read_json(path, lines=True)
-    if suffix == ".parquet":
+    if suffix not in FILE_SUFFIXES:
+        raise DataError(
+            f"Unsupported data file suffix {suffix!r} for {str(path)!r}; expected one of "
+            f"{list(FILE_SUFFIXES)}."
+        )
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise DataError(f"Cannot read {path}: {err.strerror or err}.") from None
+    if size == 0:
+        raise DataError(f"{path} is empty (0 bytes); expected "
+                        + ("one JSON object per line." if suffix == ".jsonl" else
+                           "a header line and data rows." if suffix in (".csv", ".tsv")
+                           else "data."))
+    try:
+        if suffix in (".csv", ".tsv"):
+            return pd.read_csv(path, sep="," if suffix == ".csv" else "\t",
+                               encoding=encoding)
+        if suffix == ".jsonl":
+            return pd.read_json(path, lines=True, encoding=encoding)
+        if suffix == ".json":
+            try:
+                return pd.read_json(path, encoding=encoding)
+            except UnicodeDecodeError:
+                raise
+            except ValueError:
+                return pd.read_json(path, lines=True, encoding=encoding)
         return pd.read_parquet(path)
-    raise DataError(
-        f"Unsupported data file suffix {suffix!r} for {str(path)!r}; expected one of "
-        f"{list(FILE_SUFFIXES)}."
-    )
+    except UnicodeDecodeError as err:
+        raise DataError(_decode_message(path, encoding, err)) from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} holds no columns (only blank lines); expected a header line "
+                        "and data rows.") from None
+    except pd.errors.ParserError as err:
+        raise DataError(f"{path} is not a valid {suffix[1:].upper()} file: "
+                        f"{str(err).strip()} (a quote left open, or a line with more fields "
+                        "than the header?).") from None
+    except OSError as err:
+        raise DataError(f"Cannot read {path}: {err.strerror or err}.") from None
+    except ValueError as err:  # pandas' JSON errors; pyarrow's ArrowInvalid
+        if suffix == ".parquet":
+            raise DataError(f"{path} is not a readable Parquet file: {err}") from None
+        raise DataError(_json_message(path, encoding, err)) from None
+    except TypeError as err:  # pandas, on JSON lines that are not all objects
+        if suffix == ".parquet":
+            raise
+        raise DataError(_json_message(path, encoding, err)) from None
+
+
+def _check_encoding(encoding: str) -> None:
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError):
+        raise ConfigError(f"'encoding' must be a text encoding Python knows (utf-8, latin-1, "
+                          f"cp1252, ...); got {encoding!r}.") from None
+
+
+def _decode_message(path: Path, encoding: str, err: UnicodeDecodeError) -> str:
+    data = path.read_bytes()
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as whole:
+        err = whole  # pandas' own error counts from the start of a chunk, not the file
+    line = data.count(b"\n", 0, err.start) + 1
+    byte = err.object[err.start:err.start + 1].hex()
+    return (f"{path}, line {line}: byte 0x{byte} is not valid {encoding} text, so the file "
+            "is in another encoding. Pass it with --encoding (encoding=...): --encoding "
+            "latin-1 reads any byte (cp1252 for Windows files), or re-save the file as "
+            "UTF-8.")
+
+
+def _json_message(path: Path, encoding: str, err: Exception) -> str:
+    text = path.read_text(encoding=encoding)
+    lines = text.splitlines()
+    jsonl = path.suffix.lower() == ".jsonl"
+    if not jsonl:
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as doc_err:
+            first = next((ln for ln in lines if ln.strip()), "")
+            try:  # one JSON object per line, like a .jsonl file?
+                jsonl = isinstance(json.loads(first), dict)
+            except json.JSONDecodeError:
+                jsonl = False
+            if not jsonl:
+                return (f"{path}, line {doc_err.lineno}: not valid JSON ({doc_err.msg}, "
+                        f"column {doc_err.colno}).")
+        else:
+            return (f"{path}: the JSON is not a table ({err}); expected a list of records "
+                    "like [{\"text\": ..., \"label\": ...}, ...] or one object per line.")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as line_err:
+            return (f"{path}, line {number}: not valid JSON ({line_err.msg}, column "
+                    f"{line_err.colno}); a JSON Lines file holds one JSON object per line.")
+        if not isinstance(value, dict):
+            return (f"{path}, line {number}: a JSON {type(value).__name__} where an object "
+                    "was expected; a JSON Lines file holds one JSON object per line.")
+    return f"{path}: not readable as JSON Lines: {err}"
 
 
 def task_from_frame(
@@ -466,25 +709,42 @@ def task_from_frame(
     origin: str = "",
     **options,
 ) -> Task:
-    """Build a task from a DataFrame (and optionally a separate test DataFrame)."""
+    """Build a task from a DataFrame (and optionally a separate test DataFrame).
+
+    ``options`` go to :func:`make_task`. A text column that holds no strings at all
+    (numbers, say) is refused with the column names, and label whitespace is stripped
+    with a warning that names ``label_column``.
+    """
     columns = [text_column] if isinstance(text_column, str) else list(text_column)
     if not 1 <= len(columns) <= 2:
         raise DataError(
             f"'text_column' takes one column, or two for sentence pairs; got {columns}."
         )
+    where = origin or task_id
     for df, name in ((frame, "data"), (test_frame, "test data")):
         if df is None:
             continue
         missing = [c for c in [*columns, label_column] if c not in df.columns]
         if missing:
             raise DataError(
-                f"Column(s) {missing} not found in the {name} of {origin or task_id!r}; "
+                f"Column(s) {missing} not found in the {name} of {where!r}; "
                 f"the columns are {list(map(str, df.columns))}."
             )
+        for column in columns:
+            values = df[column].tolist()
+            given = [(i, v) for i, v in enumerate(values) if not _is_missing(v)]
+            if given and not any(isinstance(v, str) for _, v in given):
+                i, value = given[0]
+                raise DataError(
+                    f"{where}: text column {column!r} holds no text, only "
+                    f"{type(value).__name__} values (first: {value!r} at data row {i + 1}). "
+                    "Name the column that holds the texts with --text-column "
+                    f"(text_column=...); the columns are {list(map(str, df.columns))}.")
 
     def cols(df):
         pairs = df[columns[1]].tolist() if len(columns) == 2 else None
-        return df[columns[0]].tolist(), df[label_column].tolist(), pairs
+        labels = _strip_labels(df[label_column].tolist(), where, f"label column {label_column!r}")
+        return df[columns[0]].tolist(), labels, pairs
 
     texts, labels, pairs = cols(frame)
     extra = {}
@@ -500,10 +760,15 @@ def load_file(
     text_column: str | Sequence[str] = "text",
     label_column: str = "label",
     task_id: str | None = None,
+    encoding: str = "utf-8",
     **options,
 ) -> Task:
-    """Load a local CSV/TSV/JSON/JSONL/Parquet file as a task (seeded split)."""
-    frame = read_table(path)
+    """Load a local CSV/TSV/JSON/JSONL/Parquet file as a task (seeded split).
+
+    ``encoding``: the file's text encoding (CLI ``--encoding``; 'latin-1' reads any
+    byte); ``options`` go to :func:`make_task`.
+    """
+    frame = read_table(path, encoding=encoding)
     return task_from_frame(
         frame, task_id=task_id or Path(path).stem, text_column=text_column,
         label_column=label_column, origin=str(path), **options,
@@ -516,11 +781,16 @@ def load_hub(
     text_column: str | Sequence[str] = "text",
     label_column: str = "label",
     config: str | None = None,
+    encoding: str | None = None,
     **options,
 ) -> Task:
     """Load a Hugging Face Hub dataset (needs network access to the Hub)."""
     import datasets
     import pandas as pd
+
+    if encoding is not None:
+        raise ConfigError(f"'encoding' applies to local files; {name!r} is not one (it is "
+                          "loaded from the Hugging Face Hub).")
 
     try:
         dd = datasets.load_dataset(name, config)
@@ -549,23 +819,3 @@ def load_hub(
         label_column=label_column, test_frame=test, origin=f"hub:{name}", **options,
     )
 
-
-def load_task(spec: str | Task, **options) -> Task:
-    """Resolve a task spec: ``builtin:ID``, a local file path or a Hub dataset name.
-
-    ``options`` go to :func:`load_file`/:func:`load_hub` (``text_column``,
-    ``label_column``, ``label_kind``, ``drop_invalid``, ``test_size``, ``seed``);
-    built-in tasks take none.
-    """
-    if isinstance(spec, Task):
-        return spec
-    if spec.startswith(BUILTIN_PREFIX):
-        from stepstone.esm.catalog import load_builtin
-
-        return load_builtin(spec[len(BUILTIN_PREFIX):])
-    if spec.startswith("hub:"):  # the origin recorded for Hub tasks
-        return load_hub(spec[len("hub:"):], **options)
-    path = Path(spec)
-    if path.suffix.lower() in FILE_SUFFIXES or path.exists() or "\\" in spec:
-        return load_file(path, **options)
-    return load_hub(spec, **options)

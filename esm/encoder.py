@@ -65,12 +65,31 @@ class EncoderIdentity:
     def cache_key(self) -> str:
         return f"{self.fingerprint}|{self.pooling}|{self.max_length}|{self.layer}"
 
+    def mismatches(self, other: EncoderIdentity) -> list[str]:
+        """The fields on which embeddings from ``self`` and ``other`` would differ.
+
+        The one compatibility rule for every artefact made with an encoder (an ESM, a
+        registry's entries): with a weights fingerprint on both sides, the fingerprint,
+        pooling, max length, exit layer and dimension must agree; an identity without
+        one (ESMs imported from hf-dataset-selector, which records none) is matched by
+        encoder name and dimension.
+        """
+        fields = (("fingerprint", "pooling", "max_length", "layer", "dim")
+                  if self.fingerprint and other.fingerprint else ("name", "dim"))
+        return [f for f in fields if getattr(self, f) != getattr(other, f)]
+
+    def matches(self, other: EncoderIdentity) -> bool:
+        """Whether embeddings from ``self`` and ``other`` are interchangeable."""
+        return not self.mismatches(other)
+
     def check_matches(self, other: EncoderIdentity, *, what: str) -> None:
-        """Raise :class:`EncoderMismatchError` naming every field that differs."""
+        """Raise :class:`EncoderMismatchError` naming every field that differs.
+
+        ``other`` is the identity ``what`` (an ESM, a registry) was made with.
+        """
         diffs = [
             f"{field}: {what} has {getattr(other, field)!r}, encoder has {getattr(self, field)!r}"
-            for field in ("fingerprint", "pooling", "max_length", "layer", "dim")
-            if getattr(self, field) != getattr(other, field)
+            for field in self.mismatches(other)
         ]
         if diffs:
             raise EncoderMismatchError(

@@ -81,7 +81,7 @@ def read_hfselect_esm(folder: str | Path) -> tuple[EmbeddingSpaceMap, str]:
     config = ESMConfig(
         architecture="linear", in_dim=dim, out_dim=dim,
         # hfselect records no weights fingerprint and pads to 128 tokens; the encoder is
-        # matched by name (see stepstone.esm.model.check_encoder).
+        # matched by name (see stepstone.esm.encoder.EncoderIdentity.mismatches).
         encoder={"name": data["base_model_name"], "fingerprint": "", "pooling": "mean",
                  "max_length": DEFAULT_MAX_LENGTH, "layer": None},
         task_id=task_id, task_origin=f"hfselect {data.get('version', '?')}: {folder}",

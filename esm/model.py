@@ -312,20 +312,9 @@ class EmbeddingSpaceMap(nn.Module):
 
 
 def check_encoder(config: ESMConfig, encoder: EncoderIdentity) -> None:
-    """Refuse an ESM trained for another encoder, pooling, max length, layer or dim.
-
-    ESMs imported from hf-dataset-selector carry no weights fingerprint; for them
-    the encoder name and dimension must match.
-    """
-    if config.encoder.get("fingerprint"):
-        encoder.check_matches(config.encoder_identity, what=f"ESM {config.task_id!r}")
-    else:
-        name = config.encoder.get("name")
-        if name != encoder.name or config.in_dim != encoder.dim:
-            raise EncoderMismatchError(
-                f"ESM {config.task_id!r} was made for encoder {name!r} (dim {config.in_dim}), "
-                f"not for {encoder.name!r} (dim {encoder.dim})."
-            )
+    """Refuse an ESM trained for another encoder, pooling, max length, layer or dim
+    (the rule is :meth:`EncoderIdentity.mismatches`)."""
+    encoder.check_matches(config.encoder_identity, what=f"ESM {config.task_id!r}")
 
 
 @dataclass

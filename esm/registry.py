@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from stepstone.esm.atomic import fsync_dir, fsync_tree
 from stepstone.esm.encoder import EncoderIdentity, EncoderMismatchError
 from stepstone.esm.errors import StepstoneError
 from stepstone.esm.model import (
@@ -244,23 +245,6 @@ def folder_checksum(folder: Path) -> tuple[str, int]:
                 total += len(chunk)
         h.update(b"\0")
     return h.hexdigest(), total
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-    for d in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
-        _fsync_dir(d)
 
 
 def _umask() -> int:
@@ -651,7 +635,7 @@ class Registry:
     def check_encoder(self, encoder: EncoderIdentity) -> None:
         """Refuse, naming both, when no ESM here was made for ``encoder``."""
         found = self.encoders()
-        if found and not any(same_encoder(e, encoder) for e in found):
+        if found and not any(e.matches(encoder) for e in found):
             names = sorted({f"{e.name} ({e.fingerprint}, {e.pooling}, max_length "
                             f"{e.max_length}, layer {e.layer})" for e in found})
             raise EncoderMismatchError(
@@ -749,7 +733,7 @@ class Registry:
         if model_dir is not None:
             shutil.move(str(model_dir), staging / MODEL_DIR)
         _normalise_modes(staging)
-        _fsync_tree(staging)
+        fsync_tree(staging)
         checksum, size = folder_checksum(staging / ESM_DIR)
         with self.conn:
             self.conn.execute("UPDATE pending SET checksum = ?, size_bytes = ? WHERE id = ?",
@@ -759,7 +743,7 @@ class Registry:
             if (staging / sub).exists():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(staging / sub, dest)
-                _fsync_dir(dest.parent)
+                fsync_dir(dest.parent)
         shutil.rmtree(staging)
         self._rmdir_staging()
         with self.conn:
@@ -1020,15 +1004,6 @@ def _add_from_folder(reg: Registry, folder: Path) -> str:
                          row)
         reg._bump_generation()
     return ""
-
-
-def same_encoder(a: EncoderIdentity, b: EncoderIdentity) -> bool:
-    """Whether embeddings from ``a`` and ``b`` are interchangeable (by fingerprint, or by
-    name and dimension for imported ESMs that carry no fingerprint)."""
-    if a.fingerprint and b.fingerprint:
-        return (a.fingerprint, a.pooling, a.max_length, a.layer) == (
-            b.fingerprint, b.pooling, b.max_length, b.layer)
-    return a.name == b.name and a.dim == b.dim
 
 
 def new_created() -> str:

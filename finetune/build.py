@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from stepstone.esm.cache import EmbeddingCache
-from stepstone.esm.catalog import builtin_ids, is_available
-from stepstone.esm.data import BUILTIN_PREFIX, DataError, Task, load_task, token_counts
+from stepstone.esm.data import DataError, Task, token_counts
 from stepstone.esm.encoder import Encoder, EncoderMismatchError, load_encoder
 from stepstone.esm.errors import ConfigError
 from stepstone.esm.model import (
@@ -42,6 +41,7 @@ from stepstone.esm.model import (
     fit_esm,
 )
 from stepstone.esm.registry import Registry, RegistryEntry, esm_id_for
+from stepstone.esm.specs import expand_specs, load_task
 from stepstone.finetune.executor import ExecutorSettings, Job, job_device, make_executor
 from stepstone.finetune.train import (
     FinetuneSettings,
@@ -98,13 +98,15 @@ class BuildSettings:
 
 @dataclass
 class BuildReport:
-    """Outcome of a build: ids added and skipped, failures by source, wall time."""
+    """Outcome of a build: ids added and skipped, failures by source, wall time, and each
+    loaded source's label kind with the rule that decided it (``labels``)."""
 
     added: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     per_source_seconds: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,34 +114,9 @@ class BuildReport:
     def __str__(self) -> str:
         lines = [f"added {len(self.added)}, skipped {len(self.skipped)} (already built), "
                  f"failed {len(self.failed)} in {self.seconds:.0f}s"]
+        lines += [f"  labels of {src}: {kind}" for src, kind in self.labels.items()]
         lines += [f"  failed {src}: {msg}" for src, msg in self.failed.items()]
         return "\n".join(lines)
-
-
-def expand_sources(sources: str | Sequence[str | Task]) -> list[str | Task]:
-    """``builtin:all``, ``builtin:a,b``, ``a,b`` (ids), paths and Task objects → a list."""
-    if isinstance(sources, str):
-        sources = [sources]
-    out: list[str | Task] = []
-    for item in sources:
-        if isinstance(item, Task):
-            out.append(item)
-            continue
-        for part in item.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if part in ("builtin:all", "all"):
-                missing = [i for i in builtin_ids() if not is_available(i)]
-                if missing:
-                    logger.warning("Skipping built-in tasks whose package is not installed: %s",
-                                   missing)
-                out += [BUILTIN_PREFIX + i for i in builtin_ids() if is_available(i)]
-            elif part in builtin_ids():
-                out.append(BUILTIN_PREFIX + part)
-            else:
-                out.append(part)
-    return out
 
 
 def settings_key(encoder: Encoder, task: Task, settings: BuildSettings) -> str:
@@ -179,11 +156,13 @@ class FittedESM:
 
 @dataclass
 class SourceArtifacts:
-    """Everything one source's job made: its ESMs (empty when all were built before)."""
+    """Everything one source's job made: its ESMs (empty when all were built before), and
+    the source's label kind with its rule (:meth:`Task.label_summary`)."""
 
     task_id: str
     esms: list[FittedESM] = field(default_factory=list)
     seconds: float = 0.0
+    labels: str = ""
 
 
 def fit_source(
@@ -208,8 +187,9 @@ def fit_source(
                                  if k != encoder.num_layers]
     keys = [settings_key(e, task, settings) for e in base_encoders]
     todo = [(e, k) for e, k in zip(base_encoders, keys, strict=True) if k not in skip]
+    logger.info("Source %s: labels %s.", task.task_id, task.label_summary())
     if not todo:
-        return SourceArtifacts(task.task_id)
+        return SourceArtifacts(task.task_id, labels=task.label_summary())
     capped = task.subsample(max_train=settings.max_examples, max_test=settings.max_eval,
                             seed=settings.finetune.seed)
     tuned_encoder = encoder.copy()
@@ -231,7 +211,7 @@ def fit_source(
         "steps": result.steps, "seconds": round(result.seconds, 1)}
     metrics = {f"source_test_{k}": v for k, v in source_metrics.items()}
     profile = {"num_train": len(capped.train), "token_counts": token_counts(texts)}
-    out = SourceArtifacts(task.task_id)
+    out = SourceArtifacts(task.task_id, labels=task.label_summary())
     for base_encoder, key in todo:
         base = base_encoder.embed(inputs, cache=cache, progress=progress)
         config = ESMConfig(
@@ -416,7 +396,7 @@ def build_registry(
     reg = registry if isinstance(registry, Registry) else Registry(registry, "w", create=True)
     report = BuildReport()
     start = time.perf_counter()
-    items = expand_sources(sources)
+    items = expand_specs(sources)
     if not items:
         raise DataError(f"No sources to build from {sources!r}.")
     names: dict[str, str] = {}
@@ -447,6 +427,7 @@ def build_registry(
             if not result.ok:
                 report.failed[name] = result.error
                 continue
+            report.labels[name] = result.value.labels
             t0 = time.perf_counter()
             try:
                 entries = add_source(reg, result.value)

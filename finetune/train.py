@@ -10,6 +10,9 @@ there to the same final weights.
 It is the only training loop: variants hook into it with :class:`TrainCallback`
 (per-step and per-run hooks that may train copies beside the main model or swap
 its schedule; SWA and DENI in :mod:`stepstone.finetune.stabilize` are callbacks).
+
+:class:`TaskModel` and its folder format (:func:`save_task_model`,
+:func:`load_task_model`) live in :mod:`stepstone.esm.taskmodel` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,9 +34,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from stepstone.esm.atomic import OLD_SUFFIX, TMP_SUFFIX, atomic_path
 from stepstone.esm.data import Split, Task
 from stepstone.esm.encoder import Encoder
 from stepstone.esm.errors import ConfigError, StepstoneError
+from stepstone.esm.taskmodel import (  # noqa: F401
+    TASK_MODEL_ENCODER,
+    TASK_MODEL_HEAD,
+    TASK_MODEL_META,
+    TaskModel,
+    load_task_model,
+    save_task_model,
+)
 from stepstone.finetune.lr import NO_DECAY, layer_groups, param_groups, resolve_distribution
 
 logger = logging.getLogger(__name__)
@@ -73,23 +84,6 @@ class FinetuneSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class TaskModel(nn.Module):
-    """An :class:`~stepstone.esm.encoder.Encoder` with a linear head on its pooled output.
-
-    ``num_labels`` outputs: class logits, or one value for regression.
-    """
-
-    def __init__(self, encoder: Encoder, num_labels: int, *, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.backbone = encoder.model  # registered so .parameters() covers the encoder
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.dim, num_labels, device=encoder.device)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.dropout(self.encoder.forward_batch(batch)))
 
 
 # -- data -------------------------------------------------------------------------------
@@ -248,34 +242,24 @@ def _write_checkpoint(folder: Path, model: nn.Module, opt, sched, state: dict,
     ``extra``: the callbacks' tensors (:data:`CHECKPOINT_CALLBACKS`)."""
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-              str(tmp / CHECKPOINT_MODEL))
     tensors, meta = optimizer_to_flat(opt)
     tensors["torch_rng_state"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / CHECKPOINT_OPTIM))
-    if extra:
-        save_file({k: v.detach().clone().contiguous() for k, v in extra.items()},
-                  str(tmp / CHECKPOINT_CALLBACKS))
     state = {**state, "optimizer": meta,
              "scheduler": sched.state_dict() if sched is not None else None}
-    (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / CHECKPOINT_MODEL))
+        save_file(tensors, str(tmp / CHECKPOINT_OPTIM))
+        if extra:
+            save_file({k: v.detach().clone().contiguous() for k, v in extra.items()},
+                      str(tmp / CHECKPOINT_CALLBACKS))
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
 
 
 def _read_checkpoint(folder: Path) -> tuple[Path, dict] | None:
     """The newest complete checkpoint (``folder`` or, after a crash mid-swap, ``.old``)."""
-    for cand in (folder, folder.with_name(folder.name + ".old")):
+    for cand in (folder, folder.with_name(folder.name + OLD_SUFFIX)):
         if (cand / CHECKPOINT_STATE).is_file() and (cand / CHECKPOINT_OPTIM).is_file():
             return cand, json.loads((cand / CHECKPOINT_STATE).read_text())
     return None
@@ -284,8 +268,8 @@ def _read_checkpoint(folder: Path) -> tuple[Path, dict] | None:
 def clear_checkpoint(folder: str | Path) -> None:
     """Remove a training checkpoint (and any half-swapped copies)."""
     folder = Path(folder)
-    for cand in (folder, folder.with_name(folder.name + ".old"),
-                 folder.with_name(folder.name + ".tmp")):
+    for cand in (folder, folder.with_name(folder.name + OLD_SUFFIX),
+                 folder.with_name(folder.name + TMP_SUFFIX)):
         shutil.rmtree(cand, ignore_errors=True)
 
 
@@ -567,56 +551,3 @@ def evaluate(model: TaskModel, task: Task, split: Split | None = None) -> dict[s
 
 
 PRIMARY_METRIC = {"classification": "accuracy", "regression": "pearson"}
-
-
-# -- saved task models -------------------------------------------------------------------
-TASK_MODEL_ENCODER = "encoder"
-TASK_MODEL_HEAD = "head.safetensors"
-TASK_MODEL_META = "head.json"
-
-
-def save_task_model(model: TaskModel, folder: str | Path, *, label_kind: str,
-                    classes: list[str] | tuple[str, ...]) -> None:
-    """Save a fine-tuned model as ``encoder/`` (transformers folder + tokenizer),
-    ``head.safetensors`` and ``head.json`` (the format registries keep)."""
-    from safetensors.torch import save_file
-    from transformers.utils import logging as hf_logging
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    hf_logging.disable_progress_bar()  # a per-save shard bar is noise inside a long run
-    try:
-        model.encoder.model.save_pretrained(folder / TASK_MODEL_ENCODER)
-    finally:
-        hf_logging.enable_progress_bar()
-    model.encoder.tokenizer.save_pretrained(folder / TASK_MODEL_ENCODER)
-    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()},
-              str(folder / TASK_MODEL_HEAD))
-    (folder / TASK_MODEL_META).write_text(json.dumps(
-        {"num_labels": model.head.out_features, "label_kind": label_kind,
-         "classes": list(classes), "pooling": model.encoder.pooling,
-         "max_length": model.encoder.max_length}, indent=2, sort_keys=True))
-
-
-def load_task_model(folder: str | Path, *, name: str | None = None,
-                    device: str | torch.device = "cpu") -> TaskModel:
-    """Load a model saved by :func:`save_task_model` (or kept by a registry build).
-
-    ``name``: the encoder name to record (default: the folder).
-    """
-    from safetensors.torch import load_file
-
-    from stepstone.esm.encoder import load_encoder
-
-    folder = Path(folder)
-    if not (folder / TASK_MODEL_META).is_file() or not (folder / TASK_MODEL_HEAD).is_file():
-        raise FileNotFoundError(f"{folder} is not a saved task model: it needs "
-                                f"{TASK_MODEL_ENCODER}/, {TASK_MODEL_HEAD} and {TASK_MODEL_META}.")
-    meta = json.loads((folder / TASK_MODEL_META).read_text())
-    encoder = load_encoder(str(folder / TASK_MODEL_ENCODER), pooling=meta["pooling"],
-                           max_length=meta["max_length"], device=str(device))
-    if name is not None:
-        encoder.name = name
-    model = TaskModel(encoder, int(meta["num_labels"]))
-    model.head.load_state_dict(load_file(str(folder / TASK_MODEL_HEAD)))
-    return model.to(device).eval()

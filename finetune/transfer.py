@@ -15,12 +15,16 @@ For a target task and a source (given, or the top of :func:`stepstone.selection.
 per seed, then as mean ± std. Every finished stage is written to ``OUT/runs/`` at
 once and training checkpoints go to ``OUT/checkpoints/``, so a killed run picks up
 where it stopped when started again with the same arguments.
+
+The source is resolved in :mod:`stepstone.finetune.transfer_source`; the results go
+into a :class:`~stepstone.finetune.transfer_report.TransferReport`. The optional
+optuna search for a layer-wise LR distribution (:func:`search_distribution`) is a
+stage of the run and lives here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import shutil
@@ -34,10 +38,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from stepstone.esm.data import DataError, Split, Task, load_task
+from stepstone.esm.data import DataError, Split, Task
 from stepstone.esm.encoder import Encoder, load_encoder
 from stepstone.esm.errors import ConfigError
 from stepstone.esm.registry import Registry, open_registry
+from stepstone.esm.specs import load_task
+from stepstone.esm.taskmodel import TaskModel, load_task_model, save_task_model
 from stepstone.finetune.forgetting import (
     Retention,
     backward_transfer,
@@ -47,19 +53,12 @@ from stepstone.finetune.forgetting import (
 )
 from stepstone.finetune.lr import layer_groups, resolve_distribution
 from stepstone.finetune.stabilize import StabilizerSettings
-from stepstone.finetune.train import (
-    PRIMARY_METRIC,
-    FinetuneSettings,
-    TaskModel,
-    evaluate,
-    finetune,
-    load_task_model,
-    save_task_model,
-)
+from stepstone.finetune.train import PRIMARY_METRIC, FinetuneSettings, evaluate, finetune
+from stepstone.finetune.transfer_report import TransferReport, read_json, write_json
+from stepstone.finetune.transfer_source import SourceChoice, choose_source
 
 logger = logging.getLogger(__name__)
 
-REPORT_FORMAT = 1
 RUN_CONFIG = "transfer.json"
 SEARCH_SPEC = "search"
 
@@ -144,18 +143,6 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", base).strip("_") or "dist"
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (tmp + rename): a stage file is either whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
-    tmp.replace(path)
-
-
-def _read_json(path: Path) -> Any | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _fresh_model(encoder: Encoder, num_labels: int, settings: FinetuneSettings) -> TaskModel:
     torch.manual_seed(settings.seed)  # the fresh head's init is part of the seed
     return TaskModel(encoder.copy(), num_labels, dropout=settings.dropout)
@@ -183,333 +170,6 @@ def _validation_split(task: Task, ratio: float, seed: int) -> tuple[Split, Split
     strat = task.train.labels if task.label_kind == "classification" else None
     tr, va = train_test_split(idx, test_size=ratio, random_state=seed, stratify=strat)
     return task.train.take(np.sort(tr)), task.train.take(np.sort(va))
-
-
-# -- the source -------------------------------------------------------------------------
-@dataclass
-class SourceChoice:
-    """Which source task a transfer uses and where its model comes from."""
-
-    task: Task
-    esm_id: str | None = None
-    selected_by: str = "given"  # 'auto' (top of a ranking) or 'given'
-    model_dir: Path | None = None  # a source model the registry kept
-    ranking: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"task_id": self.task.task_id, "origin": self.task.origin,
-                "esm_id": self.esm_id, "selected_by": self.selected_by,
-                "source_model": "registry" if self.model_dir else "fine-tuned",
-                "num_train": len(self.task.train), "num_test": len(self.task.test),
-                "ranking": self.ranking}
-
-
-def choose_source(
-    target: Task,
-    source: str | Task,
-    registry: Registry,
-    *,
-    encoder: Encoder,
-    method: str = "esm-logme",
-    progress: bool = True,
-    task_options: dict[str, Any] | None = None,
-) -> SourceChoice:
-    """Resolve ``source``: ``auto`` (best of ``rank``), an ESM id or task id in the
-    registry, or any task spec (``builtin:ID``, a file, a Hub name, a Task)."""
-    if isinstance(source, Task):
-        return SourceChoice(source)
-    if source == "auto":
-        from stepstone.selection.ranking import rank
-
-        ranking = rank(target, registry, method, encoder=encoder, progress=progress)
-        if not ranking.rows:
-            raise DataError(f"No source in {registry.path} could be ranked for "
-                            f"{target.task_id!r}: {ranking.errors}")
-        top = [dataclasses.asdict(r) for r in ranking.rows[:5]]
-        choice = _from_registry(registry, ranking.rows[0].esm_id)
-        choice.selected_by, choice.ranking = "auto", top
-        return choice
-    if source in registry:
-        return _from_registry(registry, source)
-    task_id = source.removeprefix("builtin:")
-    matches = [e for e in registry.entries() if e.task_id == task_id
-               and registry.config(e.id).encoder.get("layer") is None]
-    if matches:
-        return _from_registry(registry, matches[0].id)
-    return SourceChoice(load_task(source, **(task_options or {})))
-
-
-def _from_registry(registry: Registry, esm_id: str) -> SourceChoice:
-    # The config decides which data is read: trust it only when the ESM's files still
-    # match the checksum recorded when it was added.
-    config = registry.config(esm_id, verify=True)
-    from stepstone.esm.catalog import builtin_ids
-    from stepstone.esm.data import FILE_SUFFIXES
-
-    origin, builtin = config.task_origin, config.task_id in builtin_ids()
-    # A recorded origin is reloaded only as a data file or Hub spec whose data hash
-    # matches the build's; built-in tasks record a readable origin, not a loadable spec.
-    loadable = origin.startswith("hub:") or (
-        Path(origin).suffix.lower() in FILE_SUFFIXES and (not builtin or Path(origin).is_file()))
-    task = None
-    if loadable and config.task_data_hash:
-        recorded = load_task(origin)
-        if recorded.data_hash() == config.task_data_hash:
-            task = recorded
-        elif not builtin:
-            raise DataError(
-                f"The data at {origin!r} changed since ESM {esm_id!r} was built (data hash "
-                f"{recorded.data_hash()} vs {config.task_data_hash}); pass the source as a "
-                "task spec (builtin:ID, a file or a Hub name) to use it anyway.")
-    if task is None and builtin:
-        task = load_task(f"builtin:{config.task_id}")
-        if config.task_data_hash and task.data_hash() != config.task_data_hash:
-            logger.warning("Source %s: the built-in data changed since ESM %s was built.",
-                           task.task_id, esm_id)
-    if task is None:
-        raise DataError(
-            f"ESM {esm_id!r} records its task origin as {origin!r}, which is not a built-in "
-            f"task, nor a {'/'.join(FILE_SUFFIXES)} file or hub: dataset with a recorded data "
-            "hash; pass the source as a task spec (builtin:ID, a file or a Hub name).")
-    return SourceChoice(task, esm_id, model_dir=registry.model_dir(esm_id))
-
-
-# -- the report -------------------------------------------------------------------------
-SUMMARY_METRICS = ("target", "baseline", "gain", "source_before", "source_after",
-                   "retention_delta", "retention_ratio", "probe_before", "probe_after")
-
-
-@dataclass
-class TransferReport:
-    """Everything a transfer run measured: one row per (distribution, seed).
-
-    ``runs[i]`` holds ``seed``, ``distribution``, ``target``/``baseline`` metric dicts,
-    ``gain`` (primary target metric with minus without the intermediate step),
-    ``source_before``/``source_after`` (source test metric with its own head),
-    ``retention_delta``/``retention_ratio``/``bwt``, ``probe_before``/``probe_after``
-    (linear probe of the source task on the frozen source-/target-tuned encoder),
-    ``drift``/``cka`` per layer, learning ``curves`` and ``seconds`` per stage.
-    """
-
-    target: dict[str, Any]
-    source: dict[str, Any]
-    settings: dict[str, Any]
-    distributions: dict[str, dict[str, float]]
-    runs: list[dict[str, Any]]
-    primary_metric: str
-    probe_base: float | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        unknown = {r["distribution"] for r in self.runs} - set(self.distributions)
-        if unknown:
-            raise ValueError(f"Runs use distributions {sorted(unknown)} that the report does "
-                             f"not describe.")
-
-    def to_pandas(self):
-        """One row per run with the scalar measures."""
-        import pandas as pd
-
-        rows = []
-        for r in self.runs:
-            row = {"distribution": r["distribution"], "seed": r["seed"]}
-            row.update({k: r[k] for k in SUMMARY_METRICS})
-            row.update({f"target_{k}": v for k, v in r["target_metrics"].items()})
-            row.update({f"baseline_{k}": v for k, v in r["baseline_metrics"].items()})
-            rows.append(row)
-        return pd.DataFrame(rows)
-
-    def summary(self):
-        """Mean and std over seeds per distribution."""
-        frame = self.to_pandas()
-        if frame.empty:
-            return frame
-        return frame.groupby("distribution", sort=False)[list(SUMMARY_METRICS)].agg(
-            ["mean", "std"])
-
-    def summary_dict(self) -> dict[str, dict[str, dict[str, float]]]:
-        frame = self.to_pandas()
-        out: dict[str, dict[str, dict[str, float]]] = {}
-        for dist, grp in frame.groupby("distribution", sort=False):
-            out[str(dist)] = {m: {"mean": float(grp[m].mean()),
-                                  "std": float(grp[m].std(ddof=1)) if len(grp) > 1 else 0.0,
-                                  "n": int(len(grp))} for m in SUMMARY_METRICS}
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": REPORT_FORMAT, "target": self.target, "source": self.source,
-                "settings": self.settings, "distributions": self.distributions,
-                "primary_metric": self.primary_metric, "probe_base": self.probe_base,
-                "runs": self.runs, "summary": self.summary_dict(), "timings": self.timings}
-
-    def __str__(self) -> str:
-        m = self.primary_metric
-        lines = [f"transfer {self.source['task_id']} -> {self.target['task_id']} "
-                 f"({len(self.runs)} runs, metric: {m})"]
-        for dist, s in self.summary_dict().items():
-            def pm(key, s=s):
-                return f"{s[key]['mean']:.3f} ± {s[key]['std']:.3f}"
-            lines.append(f"  {dist}: target {pm('target')} vs no intermediate "
-                         f"{pm('baseline')}, gain {pm('gain')}; source retention "
-                         f"{pm('retention_ratio')} (ΔS {pm('retention_delta')})")
-        return "\n".join(lines)
-
-    def to_markdown(self) -> str:
-        m = self.primary_metric
-        src, tgt = self.source, self.target
-        out = [f"# Transfer report: {src['task_id']} → {tgt['task_id']}", "",
-               f"- Target: `{tgt['task_id']}` ({tgt['num_train']} train / {tgt['num_test']} "
-               f"test examples, {tgt['num_labels']} labels); metric: {m}.",
-               f"- Source: `{src['task_id']}` ({src['num_train']} train / {src['num_test']} "
-               f"test), chosen {src['selected_by']}"
-               + (f" (ESM `{src['esm_id']}`)" if src.get("esm_id") else "")
-               + f"; source model: {src['source_model']}.",
-               f"- Encoder: `{self.settings['encoder']}`; seeds: "
-               f"{self.settings['transfer']['seeds']}; fine-tuning: "
-               f"{self.settings['transfer']['finetune']['epochs']} epochs, batch "
-               f"{self.settings['transfer']['finetune']['batch_size']}"
-               + (f"; stabiliser: {self.settings['stabilizer']['kind']} "
-                  f"({self.settings['stabilizer']['members']} members)"
-                  if self.settings.get("stabilizer") else "") + ".", ""]
-        if src.get("ranking"):
-            out += ["Ranking (top 5): " + ", ".join(
-                f"{r['task_id']} ({r['score']:.3f})" for r in src["ranking"]), ""]
-        out += ["## Summary (mean ± std over seeds)", "",
-                "| distribution | target | no intermediate | gain | source before | "
-                "source after | retention ratio | probe before | probe after |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for dist, s in self.summary_dict().items():
-            cells = [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in
-                     ("target", "baseline", "gain", "source_before", "source_after",
-                      "retention_ratio", "probe_before", "probe_after")]
-            out.append(f"| `{dist}` | " + " | ".join(cells) + " |")
-        if self.probe_base is not None:
-            out += ["", f"Linear probe of the source task on the pre-trained encoder: "
-                        f"{self.probe_base:.3f}."]
-        out += ["", "## Per seed", "",
-                "| distribution | seed | target | no intermediate | gain | ΔS | BWT | "
-                "target s | baseline s |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in self.runs:
-            out.append(f"| `{r['distribution']}` | {r['seed']} | {r['target']:.3f} | "
-                       f"{r['baseline']:.3f} | {r['gain']:+.3f} | {r['retention_delta']:+.3f} | "
-                       f"{r['bwt']:+.3f} | {r['seconds']['target']:.0f} | "
-                       f"{r['seconds']['baseline']:.0f} |")
-        out += ["", "## Learning rates per layer group", "",
-                "| group | " + " | ".join(f"`{d}`" for d in self.distributions) + " |",
-                "|---|" + "---|" * len(self.distributions)]
-        groups = next(iter(self.distributions.values()), {})
-        for g in groups:
-            out.append(f"| {g} | " + " | ".join(f"{lrs[g]:.2e}" for lrs in
-                                              self.distributions.values()) + " |")
-        out += ["", "Plots: `lr.png` (learning rate per layer group), `drift.png` (relative "
-                "weight drift and linear CKA per layer vs. the pre-trained encoder), "
-                "`curves.png` (training loss and target accuracy per epoch), "
-                "`retention_gain.png` (source retention vs. target gain per run).", ""]
-        return "\n".join(out)
-
-    def save(self, out: str | Path, *, plots: bool = True) -> list[Path]:
-        """Write ``report.json``, ``report.md`` and (optionally) the plots; returns paths."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "report.json", self.to_dict())
-        (out / "report.md").write_text(self.to_markdown())
-        written = [out / "report.json", out / "report.md"]
-        if plots and self.runs:
-            written += plot_report(self, out)
-        return written
-
-    @classmethod
-    def load(cls, path: str | Path) -> TransferReport:
-        path = Path(path)
-        data = json.loads((path / "report.json" if path.is_dir() else path).read_text())
-        if data.get("format") != REPORT_FORMAT:
-            raise ValueError(f"Unsupported transfer report format {data.get('format')!r}; "
-                             f"expected {REPORT_FORMAT}.")
-        return cls(data["target"], data["source"], data["settings"], data["distributions"],
-                   data["runs"], data["primary_metric"], data.get("probe_base"),
-                   data.get("timings", {}))
-
-
-def plot_report(report: TransferReport, out: Path) -> list[Path]:
-    """The four report plots as PNGs in ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths: list[Path] = []
-    colors = {d: plt.cm.tab10(i % 10) for i, d in enumerate(report.distributions)}
-
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        paths.append(out / name)
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-
-    def stages():
-        """(distribution, stage, line style, label, that distribution's runs)."""
-        for d in report.distributions:
-            runs = [r for r in report.runs if r["distribution"] == d]
-            for stage, style in (("transfer", "-"), ("baseline", ":")):
-                yield d, stage, style, f"{d} ({stage})", runs
-
-    def per_layer(ax, key: str, title: str) -> None:
-        for d, stage, style, label, runs in stages():
-            values = [r[key][stage] for r in runs]
-            names = list(values[0])
-            ax.plot(names, [np.mean([v[n] for v in values]) for n in names], style,
-                    marker="o", color=colors[d], label=label)
-        ax.set_title(title)
-        ax.tick_params(axis="x", rotation=45)
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for d, lrs in report.distributions.items():
-        ax.plot(list(lrs), list(lrs.values()), marker="o", label=d, color=colors[d])
-    ax.set_yscale("log")
-    ax.set_ylabel("learning rate")
-    ax.set_title("Learning rate per layer group (bottom → top)")
-    ax.tick_params(axis="x", rotation=45)
-    ax.legend(fontsize=8)
-    save(fig, "lr.png")
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    per_layer(ax1, "drift", "Relative weight drift ‖θ−θ₀‖/‖θ₀‖")
-    per_layer(ax2, "cka", "Linear CKA with the pre-trained encoder")
-    ax1.legend(fontsize=7)
-    save(fig, "drift.png")
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for d, stage, style, label, runs in stages():
-        losses = [r["curves"][f"{stage}_loss"] for r in runs]
-        n = min(len(x) for x in losses)
-        mean = np.mean([x[:n] for x in losses], axis=0)
-        window = max(1, n // 20)
-        smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
-        ax1.plot(np.arange(len(smooth)) + window, smooth, style, color=colors[d], label=label)
-        accs = [r["curves"][f"{stage}_epoch_metric"] for r in runs]
-        if not accs[0]:  # stabilised runs have no single-model curve
-            continue
-        ax2.plot(np.arange(1, len(accs[0]) + 1), np.mean(accs, axis=0), style, marker="o",
-                 color=colors[d], label=label)
-    ax1.set_xlabel("step")
-    ax1.set_title("Training loss (mean over seeds)")
-    ax2.set_xlabel("epoch")
-    ax2.set_title(f"Target {report.primary_metric} (test sample)")
-    ax1.legend(fontsize=7)
-    save(fig, "curves.png")
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for d in report.distributions:
-        runs = [r for r in report.runs if r["distribution"] == d]
-        ax.scatter([r["retention_ratio"] for r in runs], [r["gain"] for r in runs],
-                   color=colors[d], label=d)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("source retention (after / before)")
-    ax.set_ylabel(f"target gain ({report.primary_metric})")
-    ax.set_title("Source retention vs. target gain (one point per seed)")
-    ax.legend(fontsize=8)
-    save(fig, "retention_gain.png")
-    return paths
 
 
 # -- the pipeline -----------------------------------------------------------------------
@@ -565,14 +225,14 @@ class TransferRun:
             if model.encoder.dim != self.encoder.dim:
                 raise DataError(f"The kept source model of {src.esm_id} has dim "
                                 f"{model.encoder.dim}; the encoder has {self.encoder.dim}.")
-            record = _read_json(self.stage_file(seed, "source"))
+            record = read_json(self.stage_file(seed, "source"))
             if record is None:
                 record = {"source_model": "registry", "seconds": 0.0, "losses": []}
                 record.update(self._source_measures(model))
-                _write_json(self.stage_file(seed, "source"), record)
+                write_json(self.stage_file(seed, "source"), record)
             return model, record
         folder = self.checkpoint(seed, "source-model")
-        record = _read_json(self.stage_file(seed, "source"))
+        record = read_json(self.stage_file(seed, "source"))
         if record is not None and (folder / "head.json").is_file():
             return load_task_model(folder, name=self.encoder.name,
                                    device=self.encoder.device), record
@@ -587,7 +247,7 @@ class TransferRun:
         record = {"source_model": "fine-tuned", "seconds": result.seconds,
                   "losses": result.losses}
         record.update(self._source_measures(model))
-        _write_json(self.stage_file(seed, "source"), record)
+        write_json(self.stage_file(seed, "source"), record)
         return model, record
 
     def _source_measures(self, model: TaskModel) -> dict[str, Any]:
@@ -604,7 +264,7 @@ class TransferRun:
         ensemble vote) and forgetting/drift are measured on its main model.
         """
         path = self.stage_file(seed, f"{_slug(spec)}-{name}")
-        done = _read_json(path)
+        done = read_json(path)
         if done is not None:
             return done
         ft = self._ft(seed)
@@ -645,7 +305,7 @@ class TransferRun:
                                               src.test)
             record["probe_after"] = linear_probe(model.encoder, self.probe_train, src.test,
                                                  label_kind=src.label_kind)
-        _write_json(path, record)
+        write_json(path, record)
         return record
 
     def combine(self, seed: int, spec: str, source: dict, tr: dict, base: dict
@@ -678,7 +338,7 @@ class TransferRun:
 def _check_run_config(out: Path, config: dict[str, Any], *, overwrite: bool) -> None:
     """One output folder holds one run: refuse to mix results of different settings."""
     path = out / RUN_CONFIG
-    old = _read_json(path)
+    old = read_json(path)
     if old is not None and old != config:
         if not overwrite:
             changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
@@ -686,7 +346,7 @@ def _check_run_config(out: Path, config: dict[str, Any], *, overwrite: bool) -> 
                             f"{changed}); use another --out, or --overwrite to discard it.")
         for sub in ("runs", "checkpoints", "lr_search"):
             shutil.rmtree(out / sub, ignore_errors=True)
-    _write_json(path, config)
+    write_json(path, config)
 
 
 def transfer(
@@ -786,7 +446,7 @@ def transfer(
         stages = [run.stage_file(seed, f"{_slug(s)}-{n}") for s in specs
                   for n in ("transfer", "baseline")]
         if all(p.is_file() for p in stages) and run.stage_file(seed, "source").is_file():
-            src_model, src_record = None, _read_json(run.stage_file(seed, "source"))
+            src_model, src_record = None, read_json(run.stage_file(seed, "source"))
         else:  # only load (or train) the source model when a stage still needs it
             src_model, src_record = run.source_model(seed)
         bar.update(1)
@@ -800,11 +460,11 @@ def transfer(
         if not settings.keep_checkpoints:
             shutil.rmtree(run.checkpoint(seed, "source-model"), ignore_errors=True)
     bar.close()
-    probe_base = _read_json(out / "runs" / "probe_base.json")
+    probe_base = read_json(out / "runs" / "probe_base.json")
     if probe_base is None:
         probe_base = linear_probe(encoder, run.probe_train, choice.task.test,
                                   label_kind=choice.task.label_kind)
-        _write_json(out / "runs" / "probe_base.json", probe_base)
+        write_json(out / "runs" / "probe_base.json", probe_base)
     timings["total"] = time.perf_counter() - t0
     report = TransferReport(
         target={"task_id": target_task.task_id, "origin": target_task.origin,
@@ -895,10 +555,9 @@ def search_distribution(run: TransferRun, search: LRSearchSettings, folder: Path
                         f"{folder / 'study.sqlite'}. Raise --search-trials or --search-timeout.")
     best = study.best_trial
     mapping = {g: best.params[f"lr:{g}"] for g in groups.names}
-    _write_json(best_path, mapping)
-    _write_json(folder / "trials.json", [
+    write_json(best_path, mapping)
+    write_json(folder / "trials.json", [
         {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
          "user_attrs": t.user_attrs} for t in study.get_trials(deepcopy=False)])
     logger.info("LR search: best of %d trials %.4f -> %s", len(complete), best.value, best_path)
     return best_path
-

@@ -17,11 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
+from stepstone.esm.atomic import atomic_path, write_text_atomic
 from stepstone.esm.registry import Registry, RegistryEntry
 
 logger = logging.getLogger(__name__)
@@ -103,17 +103,14 @@ class TaskIndex:
 
     # -- persistence ------------------------------------------------------------------
     def save(self, folder: Path) -> None:
-        """Write index.faiss and index.json atomically (temp file + rename)."""
+        """Write index.faiss and index.json, each atomically (temp file + rename)."""
         import faiss
 
-        tmp = folder / (INDEX_FILE + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        meta_tmp = folder / (INDEX_META + ".tmp")
-        meta_tmp.write_text(json.dumps({"generation": self.generation, "dim": self.dim,
-                                        "kind": self.kind,
-                                        "ids": {str(k): v for k, v in self.ids.items()}}))
-        os.replace(tmp, folder / INDEX_FILE)
-        os.replace(meta_tmp, folder / INDEX_META)
+        with atomic_path(folder / INDEX_FILE) as tmp:
+            faiss.write_index(self.index, str(tmp))
+        write_text_atomic(folder / INDEX_META, json.dumps(
+            {"generation": self.generation, "dim": self.dim, "kind": self.kind,
+             "ids": {str(k): v for k, v in self.ids.items()}}))
 
     @classmethod
     def load(cls, folder: Path) -> TaskIndex | None:

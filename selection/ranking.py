@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 
 from stepstone.esm.cache import EmbeddingCache
-from stepstone.esm.data import Task, load_task
+from stepstone.esm.data import Task
 from stepstone.esm.encoder import DEFAULT_ENCODER, Encoder, load_encoder
 from stepstone.esm.errors import ConfigError
-from stepstone.esm.registry import Registry, RegistryEntry, open_registry, same_encoder
+from stepstone.esm.registry import Registry, RegistryEntry, open_registry
+from stepstone.esm.specs import load_task
 from stepstone.selection.index import task_index
 from stepstone.selection.scorers import Scorer, check_label_kind, check_options, get_scorer
 from stepstone.selection.target import Target
@@ -51,6 +52,9 @@ class Ranking:
         that ESM-LogME scores can be compared against.
     settings, timings : dict
         The run's options and seconds per stage.
+    target_labels : dict
+        The target's label kind, class count and the rule that decided the kind
+        (:meth:`stepstone.esm.data.Task.label_info`), so a wrong inference shows.
     """
 
     target: str
@@ -60,6 +64,7 @@ class Ranking:
     reference: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    target_labels: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         scores = [r.score for r in self.rows]
@@ -92,11 +97,17 @@ class Ranking:
         return {"target": self.target, "method": self.method,
                 "ranking": [r.__dict__ for r in self.rows], "errors": self.errors,
                 "reference_base_logme": self.reference, "settings": self.settings,
-                "timings": self.timings}
+                "timings": self.timings, "target_labels": self.target_labels}
 
     def __str__(self) -> str:
         head = f"Ranking of {len(self.rows)} sources for {self.target} by {self.method}"
-        lines = [head, f"{'rank':>4}  {'task':<24} {'score':>10}  {'size':>6}  kind"]
+        lines = [head]
+        if self.target_labels:
+            t = self.target_labels
+            kind = t["kind"] + (f", {t['num_classes']} classes" if t["kind"] ==
+                                "classification" else "")
+            lines.append(f"target labels: {kind} ({t['rule']})")
+        lines.append(f"{'rank':>4}  {'task':<24} {'score':>10}  {'size':>6}  kind")
         lines += [f"{r.rank:>4}  {r.task_id:<24} {r.score:>10.4f}  {r.num_examples:>6}  "
                   f"{r.label_kind}" for r in self.rows]
         if self.reference is not None:
@@ -160,7 +171,7 @@ def prepare_target(
 def _candidates(registry: Registry, target: Target, *, exclude_target: bool
                 ) -> tuple[list[RegistryEntry], int]:
     entries = registry.entries()
-    matching = [e for e in entries if same_encoder(e.encoder_identity, target.encoder)]
+    matching = [e for e in entries if e.encoder_identity.matches(target.encoder)]
     if exclude_target:
         matching = [e for e in matching if e.task_id != target.task_id]
     return matching, len(entries) - len(matching)
@@ -344,4 +355,4 @@ def rank(
         **scorer.settings(),
     }
     return Ranking(task.task_id, method, rows, scores.errors, reference, settings,
-                   {k: round(v, 4) for k, v in timings.items()})
+                   {k: round(v, 4) for k, v in timings.items()}, task.label_info())

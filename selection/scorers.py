@@ -14,10 +14,11 @@ textemb       cosine of mean base embeddings of target and source (TextEmb, Vu e
 vocab         share of the target's frequent words found among the source's
 source-logme  LogME on embeddings from the kept fine-tuned source model (the expensive
               quantity ESMs approximate); only for sources built with --keep-models
+kernel        held-out eNTK accuracy with each kept source model (Malladi et al. 2023);
+              only for sources built with --keep-models; slow
 random        seeded random scores (a floor for benchmarks)
 
-Higher layers add methods with :func:`register_scorer` (``kernel``: eNTK accuracy with
-each kept source model, Malladi et al. 2023, from ``stepstone.finetune.kernel``).
+Other code adds methods with :func:`register_scorer`.
 """
 
 from __future__ import annotations
@@ -28,13 +29,20 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
+from stepstone.esm.data import Split
 from stepstone.esm.encoder import EncoderMismatchError
 from stepstone.esm.errors import ConfigError, StepstoneError
 from stepstone.esm.model import AFFINE_ARCHITECTURES, EmbeddingSpaceMap
 from stepstone.esm.registry import Registry, RegistryEntry
-from stepstone.selection.logme import TargetBasis, logme_linear_maps, logme_score
+from stepstone.esm.taskmodel import TaskModel
+from stepstone.selection.entk import KernelError, compute_kernel
+from stepstone.selection.entk_formulations import ClassifierFormulation
+from stepstone.selection.entk_solvers import KernelSettings, few_shot, kernel_metrics, solve
+from stepstone.selection.logme import TargetBasis, logme_score
+from stepstone.selection.logme_maps import logme_linear_maps
 from stepstone.selection.target import Target
 
 logger = logging.getLogger(__name__)
@@ -318,6 +326,70 @@ def score_kept_models(target: Target, registry: Registry, entries: list[Registry
     return out
 
 
+class KernelScorer(Scorer):
+    """``rank --method kernel``: held-out eNTK accuracy with each kept source model.
+
+    For every candidate with a kept fine-tuned model (``registry build
+    --keep-models``), the source-tuned encoder gets a fresh head (seeded) and the
+    target's few-shot sample (``shots`` per class from the target examples) is
+    solved with its eNTK (Malladi et al. 2023); the score is the accuracy on up to
+    ``eval_examples`` other target examples (classification), or minus the MSE
+    (regression). Slow: one kernel per candidate; for short candidate lists.
+    """
+
+    name = "kernel"
+    options = ("shots", "eval_examples", "seed", "kernel", "params", "include_head", "solver",
+               "ridge", "prefilter")
+
+    def __init__(self, *, shots: int = 16, eval_examples: int = 200, seed: int = 0,
+                 kernel: str = "sgd", params: str = "biases", include_head: bool = True,
+                 solver: str = "regression", ridge: float = 1e-3) -> None:
+        if shots < 1 or eval_examples < 1:
+            raise ConfigError(f"Need shots >= 1 and eval_examples >= 1; got {shots}, "
+                             f"{eval_examples}.")
+        self.shots, self.eval_examples, self.seed = shots, eval_examples, seed
+        self.kernel_settings = KernelSettings(kernel=kernel, params=params,
+                                              include_head=include_head, solver=solver,
+                                              ridge=ridge)
+
+    def settings(self) -> dict:
+        return {"shots": self.shots, "eval_examples": self.eval_examples, "seed": self.seed,
+                **{k: v for k, v in self.kernel_settings.to_dict().items()
+                   if k in ("kernel", "params", "include_head", "solver", "ridge")}}
+
+    def _split(self, target) -> tuple[Split, Split]:
+        labels = np.asarray(target.labels)
+        full = Split(tuple(target.texts), labels)
+        train = few_shot(full, self.shots, label_kind=target.label_kind, seed=self.seed)
+        chosen = set(train.texts)
+        rest = np.array([i for i, t in enumerate(target.texts) if t not in chosen])
+        if len(rest) == 0:
+            raise KernelError(f"The target has no examples left to evaluate the kernel on "
+                             f"after {self.shots} shots per class.")
+        rng = np.random.default_rng(self.seed)
+        rest = np.sort(rng.choice(rest, size=min(self.eval_examples, len(rest)),
+                                  replace=False))
+        return train, full.take(rest)
+
+    def score(self, target, registry, entries, *, progress=False) -> Scores:
+        train, held = self._split(target)
+        num_labels = int(np.max(target.labels)) + 1 if target.label_kind == "classification" \
+            else 1
+        s = self.kernel_settings
+
+        def one(enc) -> float:
+            torch.manual_seed(self.seed)
+            model = TaskModel(enc, num_labels)
+            km = compute_kernel(ClassifierFormulation(model), train.inputs(), held.inputs(),
+                                **s.kernel_options(), progress=False)
+            pred = solve(km, train.labels, label_kind=target.label_kind, settings=s)
+            metrics = kernel_metrics(pred, held.labels, target.label_kind)
+            return metrics["accuracy"] if "accuracy" in metrics else -metrics["mse"]
+
+        return score_kept_models(target, registry, entries, one, desc="eNTK per source",
+                                 progress=progress, catch=(KernelError,))
+
+
 class RandomScorer(Scorer):
     """Seeded uniform random scores: the floor any method should beat."""
 
@@ -338,16 +410,16 @@ class RandomScorer(Scorer):
 
 SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls for cls in (ESMLogME, KNN, BaseLogME, TextEmb, VocabOverlap, SourceLogME,
-                              RandomScorer)
+                              KernelScorer, RandomScorer)
 }
 # The built-in methods; stays fixed. Methods registered later are in available_methods().
 METHODS: tuple[str, ...] = tuple(SCORERS)
 
 
 def register_scorer(cls: type[Scorer]) -> type[Scorer]:
-    """Add a scorer class from a higher layer, so ``get_scorer``, ``rank`` and the CLI's
-    ``--method`` see it (``stepstone.finetune.kernel`` registers ``kernel``; ``import stepstone``
-    imports it). Usable as a class decorator; registering the same class again is a no-op.
+    """Add a scorer class defined elsewhere, so ``get_scorer`` and ``rank`` see it (the
+    CLI's ``--method`` lists the methods available when it starts). Usable as a class
+    decorator; registering the same class again is a no-op.
 
     Raises
     ------
@@ -379,9 +451,7 @@ def scorer_class(method: str) -> type[Scorer]:
         When no method has that name.
     """
     if method not in SCORERS:
-        hint = " ('kernel' is registered by importing stepstone.finetune.kernel or stepstone)" \
-            if method == "kernel" else ""
-        raise ConfigError(f"'method' must be one of {list(SCORERS)}; got {method!r}{hint}.")
+        raise ConfigError(f"'method' must be one of {list(SCORERS)}; got {method!r}.")
     return SCORERS[method]
 
 

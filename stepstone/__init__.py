@@ -18,7 +18,7 @@ from stepstone.esm import __version__
 _EXPORTS: dict[str, str] = {
     # tasks and data
     "Task": "esm.data", "Split": "esm.data", "DataError": "esm.data",
-    "load_task": "esm.data", "load_file": "esm.data", "make_task": "esm.data",
+    "load_task": "esm.specs", "load_file": "esm.data", "make_task": "esm.data",
     "load_builtin": "esm.catalog", "builtin_ids": "esm.catalog", "catalog_table": "esm.catalog",
     # encoders and ESMs
     "Encoder": "esm.encoder", "load_encoder": "esm.encoder", "DEFAULT_ENCODER": "esm.encoder",
@@ -34,12 +34,12 @@ _EXPORTS: dict[str, str] = {
     # building, fine-tuning and transfer
     "build_registry": "finetune.build", "BuildSettings": "finetune.build",
     "BuildReport": "finetune.build", "FinetuneSettings": "finetune.train",
-    "TaskModel": "finetune.train", "TrainingError": "finetune.train",
+    "TaskModel": "esm.taskmodel", "TrainingError": "finetune.train",
     "evaluate": "finetune.train",
     "transfer": "finetune.transfer", "TransferSettings": "finetune.transfer",
-    "TransferReport": "finetune.transfer", "LRSearchSettings": "finetune.transfer",
-    "compute_kernel": "finetune.kernel", "kernel_vs_finetune": "finetune.kernel",
-    "KernelSettings": "finetune.kernel", "KernelReport": "finetune.kernel",
+    "TransferReport": "finetune.transfer_report", "LRSearchSettings": "finetune.transfer",
+    "compute_kernel": "selection.entk", "kernel_vs_finetune": "finetune.kernel",
+    "KernelSettings": "selection.entk_solvers", "KernelReport": "finetune.kernel",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -142,6 +142,10 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["label_kind"] = args.label_kind
     if getattr(args, "drop_invalid", False):
         opts["drop_invalid"] = True
+    if getattr(args, "on_conflict", None):
+        opts["conflicts"] = args.on_conflict
+    if getattr(args, "encoding", None):
+        opts["encoding"] = args.encoding
     return opts
 
 
@@ -312,15 +316,15 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
-    from stepstone.esm.data import load_task
+    from stepstone.esm.specs import load_task
     from stepstone.finetune.kernel import (
         FewShotFinetuneSettings,
-        KernelError,
-        KernelSettings,
         kernel_vs_finetune,
         source_encoder,
     )
     from stepstone.finetune.train import FinetuneSettings
+    from stepstone.selection.entk import KernelError
+    from stepstone.selection.entk_solvers import KernelSettings
 
     try:
         settings = config_from_args(KernelSettings, args)
@@ -370,7 +374,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-kind", choices=["classification", "regression"], default=None,
                    help="Label kind (default: inferred).")
     p.add_argument("--drop-invalid", action="store_true",
-                   help="Drop rows with a missing text or label instead of failing.")
+                   help="Drop rows with a missing text or label (or a non-numeric label "
+                        "for regression) instead of failing.")
+    p.add_argument("--on-conflict", choices=["error", "drop"], default=None,
+                   help="A text that appears with different labels: refuse the data "
+                        "(error) or drop every row of it (drop) (default: error).")
+    p.add_argument("--encoding", default=None,
+                   help="Text encoding of a local CSV/TSV/JSON/JSONL file, e.g. latin-1 "
+                        "(default: utf-8).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,7 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Machine-readable output.")
     p.set_defaults(func=cmd_tasks)
 
-    import stepstone.finetune.kernel  # noqa: F401  (registers the 'kernel' rank method)
     from stepstone.selection.ranking import DEFAULT_MAX_TARGET
     from stepstone.selection.scorers import available_methods
 
@@ -458,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=cmd_transfer)
 
-    from stepstone.finetune.kernel import FewShotFinetuneSettings, KernelSettings
+    from stepstone.finetune.kernel import FewShotFinetuneSettings
+    from stepstone.selection.entk_solvers import KernelSettings
 
     p = sub.add_parser(
         "kernel", help="eNTK (kernel) prediction of few-shot fine-tuning, beside the real thing.")

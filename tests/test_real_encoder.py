@@ -66,23 +66,50 @@ def test_rank_shipped_registry_for_a_builtin_target():
     assert max(scores) - min(scores) > 1e-3
 
 
-def test_shipped_registry_is_what_the_build_command_makes(encoder, tmp_path):
-    """Rerunning the shipped build with today's code and data adds nothing: every
-    source's settings key (encoder fingerprint, data hash, hyper-parameters) matches."""
+def _make_registry_argv(registry: Path) -> list[str]:
+    """The `stepstone` arguments of the Makefile's `registry` recipe, its REGISTRY_SOURCES
+    expanded and its --registry pointed at ``registry``."""
+    import shlex
+
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    listed = re.search(r"^REGISTRY_SOURCES := ((?:.*\\\n)*.*)$", makefile, re.MULTILINE)
+    recipe = re.search(r"^registry:.*\n\t((?:.*\\\n)*.*)$", makefile, re.MULTILINE)
+    assert listed and recipe, "the Makefile has no REGISTRY_SOURCES or no registry target"
+    sources = ",".join(listed.group(1).replace("\\", " ").split())
+    command = re.sub(r"\$\(subst .*\$\(REGISTRY_SOURCES\)\)\)", sources,
+                     recipe.group(1).replace("\\\n", " "))
+    argv = shlex.split(command)
+    assert argv[0] == "$(VENV)/bin/stepstone" and argv[argv.index("--registry") + 1] == \
+        "esm/default_registry", argv
+    argv[argv.index("--registry") + 1] = str(registry)
+    return argv[1:]
+
+
+def test_shipped_registry_is_what_the_build_command_makes(tmp_path, monkeypatch, capsys):
+    """`make registry` on the shipped registry adds nothing: every source's settings key
+    (encoder fingerprint, data hash, hyper-parameters: the paper's AdamW ESM fit) matches,
+    so the recipe's own command skips every source without fine-tuning any."""
+    import json
     import shutil
 
+    import stepstone.finetune.build as build
+    from stepstone.cli import main
     from stepstone.esm.registry import default_registry_path
 
     shutil.copytree(default_registry_path(), tmp_path / "reg")
-    sources = _shipped_sources()
-    # `make registry` builds exactly these (the Makefile's REGISTRY_SOURCES)
-    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
-    listed = re.search(r"^REGISTRY_SOURCES := ((?:.*\\\n)*.*)$", makefile, re.MULTILINE)
-    assert listed and sorted(listed.group(1).replace("\\", " ").split()) == sources
-    report = build_registry(tmp_path / "reg", ",".join(sources), encoder=encoder,
-                            progress=False)
-    assert report.added == [] and not report.failed
-    assert len(report.skipped) == len(sources)
+    argv = _make_registry_argv(tmp_path / "reg")
+    sources = argv[argv.index("--sources") + 1].split(",")
+    assert sorted(sources) == _shipped_sources()  # `make registry` builds exactly these
+
+    def no_finetuning(*args, **kwargs):
+        raise AssertionError("`make registry` would fine-tune: its settings differ from "
+                             "the shipped registry's")
+
+    monkeypatch.setattr(build, "finetune", no_finetuning)
+    assert main([*argv, "--no-cache", "--quiet", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["added"] == [] and report["failed"] == {}
+    assert sorted(s.removeprefix("builtin:") for s in report["skipped"]) == _shipped_sources()
 
 
 def test_transfer_end_to_end_with_the_real_encoder(tmp_path, capsys):

@@ -376,15 +376,6 @@ def test_debian_packages_missing_are_listed_with_the_apt_hint(monkeypatch, tmp_p
         load_builtin.__wrapped__("wordnet_supersense")
 
 
-def test_subsample_keeping_classes_keeps_every_class():
-    labels = ["a"] * 990 + ["b"] * 9 + ["c"]
-    keep = catalog._subsample_keeping_classes(labels, 100, seed=0)
-    got = [labels[i] for i in keep]
-    assert len(keep) == 100 and keep == sorted(keep)
-    assert got.count("c") == 1 and got.count("b") >= 1
-    assert keep == catalog._subsample_keeping_classes(labels, 100, seed=0)
-
-
 # ---------------------------------------------------------------------------- corpora
 
 
@@ -546,18 +537,6 @@ def test_sentence_splitter_keeps_abbreviations_together():
         "Mr. Smith meets J. R. Jones in St. Louis.", "They fight!", 'Then "it ends."',
         "Finally Dr. Who arrives.",
     ]
-
-
-def test_subsample_is_deterministic_and_respects_quotas():
-    labels = ["a"] * 700 + ["b"] * 200 + ["c"] * 100
-    keep = catalog._subsample(labels, 500, balance=False, seed=0)
-    assert keep == sorted(keep) and len(set(keep)) == 500
-    assert keep == catalog._subsample(labels, 500, balance=False, seed=0)
-    got = [labels[i] for i in keep]
-    assert (got.count("a"), got.count("b"), got.count("c")) == (350, 100, 50)
-    keep = catalog._subsample(labels, 500, balance=True, seed=0)
-    got = [labels[i] for i in keep]
-    assert (got.count("a"), got.count("b"), got.count("c")) == (200, 200, 100)
 
 
 def test_fuzzy_key_ignores_case_spacing_and_punctuation():

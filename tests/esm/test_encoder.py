@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -71,6 +73,21 @@ def test_identity_mismatch_names_fields(tiny_model_dir):
     a.check_matches(a, what="x")
     with pytest.raises(EncoderMismatchError, match="pooling: ESM has 'cls', encoder has 'mean'"):
         a.check_matches(b, what="ESM")
+
+
+def test_one_compatibility_rule(tiny_model_dir):
+    # fingerprints on both sides: everything that shapes an embedding must agree; an
+    # identity without one (hf-dataset-selector's ESMs) is matched by name and dim
+    a = load_encoder(str(tiny_model_dir)).identity
+    assert a.matches(a) and not a.mismatches(a)
+    assert a.mismatches(dataclasses.replace(a, layer=1)) == ["layer"]
+    assert a.matches(dataclasses.replace(a, name="renamed"))  # same weights, other name
+    bare = dataclasses.replace(a, fingerprint="", pooling="cls", max_length=7)
+    assert a.matches(bare) and bare.matches(a)
+    assert a.mismatches(dataclasses.replace(bare, name="other", dim=a.dim + 1)) == ["name",
+                                                                                    "dim"]
+    with pytest.raises(EncoderMismatchError, match="name: ESM has 'other'"):
+        a.check_matches(dataclasses.replace(bare, name="other"), what="ESM")
 
 
 def test_resolve_model_path_package_folder_and_hub(tiny_model_dir):

@@ -85,7 +85,7 @@ enc = load_encoder(sys.argv[1])
 X = np.random.default_rng(0).normal(size=(30, enc.dim)).astype(np.float32)
 esm = fit_esm(X, X, config=ESMConfig(encoder=dataclasses.asdict(enc.identity), task_id="t"))[0]
 where = sys.argv[3]
-real_rename, real_fsync = os.rename, R._fsync_tree
+real_rename, real_fsync = os.rename, R.fsync_tree
 def rename(a, b):
     real_rename(a, b)
     if where == "after-rename":
@@ -94,7 +94,7 @@ def fsync(folder):
     real_fsync(folder)
     if where == "staged":
         os._exit(9)
-R.os.rename, R._fsync_tree = rename, fsync
+R.os.rename, R.fsync_tree = rename, fsync
 reg = R.Registry(sys.argv[2], "w", create=True)
 reg.add(esm, esm_id="t-1", settings_key="k")
 """

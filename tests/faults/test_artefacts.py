@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from stepstone.esm.data import DataError, load_task, make_task
+from stepstone.esm.data import DataError, make_task
 from stepstone.esm.model import ESMFormatError
 from stepstone.esm.registry import DB_NAME, Registry, RegistryError, folder_checksum
+from stepstone.esm.specs import load_task
 from stepstone.selection.ranking import rank
 from tests.conftest import make_texts
 from tests.faults.conftest import TASKS, key_of, make_esm
@@ -114,7 +115,7 @@ def _set_origin(folder, esm_id, origin, *, rechecksum):
 
 
 def _choose(folder, tiny_encoder):
-    from stepstone.finetune.transfer import choose_source
+    from stepstone.finetune.transfer_source import choose_source
 
     return choose_source(_target(), "source-1", Registry(folder), encoder=tiny_encoder)
 

@@ -26,7 +26,7 @@ def test_reader_at_the_worst_moment_does_not_break_the_build(tmp_path, tiny_enco
     a reader opening the registry then must neither disturb the build nor see a problem."""
     folder = tmp_path / "reg"
     seen = []
-    real = R._fsync_tree
+    real = R.fsync_tree
 
     def staged_then_read(path):
         real(path)
@@ -34,7 +34,7 @@ def test_reader_at_the_worst_moment_does_not_break_the_build(tmp_path, tiny_enco
         seen.append((len(reader), reader.verify()))
         reader.close()
 
-    monkeypatch.setattr(R, "_fsync_tree", staged_then_read)
+    monkeypatch.setattr(R, "fsync_tree", staged_then_read)
     report = build_registry(folder, [_task()], encoder=tiny_encoder,
                             settings=BuildSettings(**FAST), progress=False)
     assert len(report.added) == 1 and not report.failed

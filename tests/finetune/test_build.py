@@ -8,7 +8,7 @@ import torch
 
 from stepstone.esm.data import make_task, token_counts
 from stepstone.esm.registry import Registry
-from stepstone.finetune.build import BuildSettings, build_registry, expand_sources
+from stepstone.finetune.build import BuildSettings, build_registry
 from stepstone.finetune.train import FinetuneSettings, TaskModel, TrainingError, evaluate, finetune
 from tests.conftest import make_texts
 
@@ -78,9 +78,7 @@ def test_finetune_learns_a_separable_task(tiny_encoder):
     assert after > 0.9 and after > before
 
 
-def test_expand_sources_and_token_counts():
-    assert expand_sources("sms_spam,trec6") == ["builtin:sms_spam", "builtin:trec6"]
-    assert expand_sources(["data.csv"]) == ["data.csv"]
+def test_token_counts():
     counts = token_counts(["The movie was good, good!", "a good film"])
     assert counts == {"good": 3, "movie": 1, "film": 1}
 

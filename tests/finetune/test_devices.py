@@ -54,7 +54,8 @@ def test_transfer_copies_keep_the_device(meta_encoder, small_task):
 
 
 def test_kernel_features(meta_encoder, small_task):
-    from stepstone.finetune.kernel import ClassifierFormulation, TensorFormulation, compute_kernel
+    from stepstone.selection.entk import compute_kernel
+    from stepstone.selection.entk_formulations import ClassifierFormulation, TensorFormulation
     from tests.conftest import guard_devices
 
     texts = small_task.train.inputs()[:4]

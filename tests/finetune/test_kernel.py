@@ -10,25 +10,31 @@ from torch import nn
 
 from stepstone.esm.data import make_task
 from stepstone.esm.encoder import load_encoder
-from stepstone.finetune.kernel import (
+from stepstone.esm.taskmodel import TaskModel
+from stepstone.finetune.kernel import kernel_vs_finetune, source_encoder
+from stepstone.selection.entk import KernelError, compute_kernel, select_parameters
+from stepstone.selection.entk_formulations import (
     ClassifierFormulation,
-    KernelError,
-    KernelLogistic,
-    KernelRegression,
-    KernelScorer,
-    KernelSettings,
-    KernelSVM,
     PromptFormulation,
     TensorFormulation,
-    compute_kernel,
-    few_shot,
-    kernel_vs_finetune,
-    one_hot,
-    select_parameters,
-    source_encoder,
 )
-from stepstone.finetune.train import TaskModel
-from stepstone.selection.scorers import METHODS, available_methods, get_scorer, register_scorer
+from stepstone.selection.entk_solvers import (
+    KernelLogistic,
+    KernelRegression,
+    KernelSettings,
+    KernelSVM,
+    few_shot,
+    one_hot,
+)
+from stepstone.selection.scorers import (
+    METHODS,
+    SCORERS,
+    KernelScorer,
+    Scorer,
+    available_methods,
+    get_scorer,
+    register_scorer,
+)
 from tests.conftest import make_texts
 
 EPS = 1e-6
@@ -324,8 +330,9 @@ def test_kernel_vs_finetune_report(tiny_encoder):
     assert "kernel-predicted" in str(report)
 
 
-def test_register_scorer_hook():
-    assert "kernel" in available_methods() and "kernel" not in METHODS
+def test_kernel_is_a_builtin_method_and_the_register_hook_still_works():
+    # The kernel scorer lives with the others: no import side effect registers it.
+    assert "kernel" in METHODS and "kernel" in available_methods()
     assert isinstance(get_scorer("kernel", shots=2), KernelScorer)
     assert register_scorer(KernelScorer) is KernelScorer  # idempotent
 
@@ -336,6 +343,15 @@ def test_register_scorer_hook():
         register_scorer(Other)
     with pytest.raises(ValueError, match="Scorer subclass"):
         register_scorer(int)
+
+    class Extra(Scorer):
+        name = "test-extra"
+
+    try:
+        assert register_scorer(Extra) is Extra
+        assert "test-extra" in available_methods() and "test-extra" not in METHODS
+    finally:
+        SCORERS.pop("test-extra", None)
 
 
 def test_rank_with_kernel_method(tmp_path, tiny_model_dir):

@@ -13,7 +13,8 @@ import stepstone.finetune.transfer as TR
 from stepstone.esm.data import DataError
 from stepstone.finetune.build import BuildSettings, build_registry
 from stepstone.finetune.train import FinetuneSettings
-from stepstone.finetune.transfer import LRSearchSettings, TransferReport, TransferSettings, transfer
+from stepstone.finetune.transfer import LRSearchSettings, TransferSettings, transfer
+from stepstone.finetune.transfer_report import TransferReport
 from tests.conftest import make_texts
 
 SETTINGS = TransferSettings(
@@ -221,7 +222,7 @@ def test_lr_search_writes_a_reusable_distribution_and_resumes(world, tmp_path):
 
 
 def _target(world, settings):
-    from stepstone.esm.data import load_task
+    from stepstone.esm.specs import load_task
 
     return load_task(world["target"]).subsample(max_train=settings.target_max_examples,
                                                 max_test=settings.max_eval, seed=0)

@@ -7,17 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from stepstone.selection.logme import (
-    LogME,
-    TargetBasis,
-    evidence_linear_maps,
-    feature_spectrum,
-    log_evidence,
-    logme_fixed_point,
-    logme_from_spectrum,
-    logme_linear_maps,
-    logme_score,
-)
+from stepstone.selection.logme import LogME, TargetBasis, feature_spectrum, logme_score
+from stepstone.selection.logme_evidence import log_evidence, logme_fixed_point, logme_from_spectrum
+from stepstone.selection.logme_maps import evidence_linear_maps, logme_linear_maps
 
 TIGHT = {"tol": 1e-12, "max_iter": 5000}
 SHAPES = [(40, 12), (12, 40), (20, 20)]  # n > d, n < d, n == d
