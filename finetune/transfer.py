@@ -42,6 +42,7 @@ from stepstone.esm.data import DataError, Split, Task
 from stepstone.esm.encoder import Encoder, load_encoder
 from stepstone.esm.errors import ConfigError
 from stepstone.esm.registry import Registry, open_registry
+from stepstone.esm.sampling import uniform_indices
 from stepstone.esm.specs import load_task
 from stepstone.esm.taskmodel import TaskModel, load_task_model, save_task_model
 from stepstone.finetune.forgetting import (
@@ -156,10 +157,7 @@ def _with_head(encoder: Encoder, head: torch.nn.Linear) -> TaskModel:
 
 
 def _sample(split: Split, n: int, seed: int) -> Split:
-    if len(split) <= n:
-        return split
-    idx = np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False))
-    return split.take(idx)
+    return split if len(split) <= n else split.take(uniform_indices(len(split), n, seed=seed))
 
 
 def _validation_split(task: Task, ratio: float, seed: int) -> tuple[Split, Split]:

@@ -16,15 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from stepstone.esm.atomic import write_text_atomic
+
 REPORT_FORMAT = 1
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (tmp + rename): a stage file is either whole or absent."""
+    """Write JSON atomically: a stage file is either whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=float))
 
 
 def read_json(path: Path) -> Any | None:
