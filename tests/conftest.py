@@ -37,6 +37,35 @@ def build_tiny_model(folder):
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tests run torch on one intra-op thread; yields the default count.
+
+    The test models are tiny and gain nothing from threads, while on a shared, busy CPU
+    the threads' spin-waits slow them down by an order of magnitude (an ESM-fit test:
+    49 s with the default 2 threads, 3 s with 1, at load average ~6 on 2 cores).
+    """
+    import torch
+
+    default = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield default
+    torch.set_num_threads(default)
+
+
+@pytest.fixture(autouse=True)
+def _default_threads_when_slow(request, _one_torch_thread):
+    """Tests marked ``slow`` (the real encoder) keep torch's default thread count."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    import torch
+
+    torch.set_num_threads(_one_torch_thread)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
@@ -98,6 +127,41 @@ def make_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
         texts.append(" ".join(words) + f" {i}")
         labels.append(lab)
     return texts, labels
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One 2-CPU local Ray cluster for the whole session; yields (gcs address, crash dir).
+
+    Tests that use it are marked ``ray`` (see :func:`pytest_collection_modifyitems`), so
+    ``-m "not ray"`` never starts Ray. They skip only when Ray is not installed
+    (``pip install 'stepstone[ray]'``; ``make setup`` installs it). The crash folder
+    arms the executor's test-only fault injection (``CRASH_HOOK_ENV``); it does nothing
+    unless a test puts a ``<job>.crash-*`` file there.
+    """
+    import logging
+
+    ray = pytest.importorskip("ray")
+    from stepstone.finetune.executor import CRASH_HOOK_ENV
+
+    crash_dir = tmp_path_factory.mktemp("crash-hook")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             object_store_memory=256 * 1024 ** 2,
+             runtime_env={"env_vars": {CRASH_HOOK_ENV: str(crash_dir),
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        yield ray.get_runtime_context().gcs_address, crash_dir
+    finally:
+        ray.shutdown()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the Ray cluster carries the ``ray`` marker: one rule, so a new
+    Ray test cannot slip into ``make test-fast``."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture()

@@ -1,12 +1,12 @@
 """Executors: local vs a real local Ray cluster (no mocks), retries, driver death.
 
-The Ray tests share one module-scoped cluster (``ray.init(num_cpus=2)``) and skip
-only when Ray is not installed (``pip install 'stepstone[ray]'``; CI has it).
+The Ray tests share the session's cluster (``ray_cluster`` in tests/conftest.py, which
+marks them ``ray``) and skip only when Ray is not installed (``pip install
+'stepstone[ray]'``; CI has it).
 """
 
 import hashlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -21,7 +21,6 @@ import torch
 from stepstone.esm.registry import Registry
 from stepstone.finetune.build import BuildSettings, build_registry
 from stepstone.finetune.executor import (
-    CRASH_HOOK_ENV,
     ExecutorSettings,
     ExecutorUnavailableError,
     Job,
@@ -32,21 +31,6 @@ from stepstone.finetune.executor import (
 from tests.finetune.test_build import FAST, _tasks
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """A 2-CPU local Ray cluster; yields (gcs address, crash-hook folder)."""
-    ray = pytest.importorskip("ray")
-    crash_dir = tmp_path_factory.mktemp("crash-hook")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-             object_store_memory=256 * 1024 ** 2,
-             runtime_env={"env_vars": {CRASH_HOOK_ENV: str(crash_dir),
-                                       "TOKENIZERS_PARALLELISM": "false"}})
-    try:
-        yield ray.get_runtime_context().gcs_address, crash_dir
-    finally:
-        ray.shutdown()
 
 
 def _ray(**kw) -> ExecutorSettings:

@@ -58,8 +58,12 @@ def _explicit(model, forward, examples, names):
         out = forward(ex)
         rows = []
         for c in range(out.shape[0]):
-            g = torch.autograd.grad(out[c], [params[n] for n in names], retain_graph=True)
-            rows.append(torch.cat([x.reshape(-1) for x in g]).double())
+            ps = [params[n] for n in names]
+            # a parameter the output does not depend on has gradient zero (allow_unused
+            # returns None for it); the eNTK code must give zeros there too
+            g = torch.autograd.grad(out[c], ps, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1)
+                                   for p, x in zip(ps, g, strict=True)]).double())
         grads.append(torch.stack(rows))
         outs.append(out.detach().double())
     return torch.stack(grads), torch.stack(outs)
