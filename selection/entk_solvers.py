@@ -16,6 +16,7 @@ import numpy as np
 
 from stepstone.esm.data import Split
 from stepstone.esm.errors import ConfigError
+from stepstone.esm.sampling import per_class_indices, uniform_indices
 from stepstone.selection.entk import KERNELS, KernelError, KernelMatrices, parse_params
 
 SolverName = Literal["regression", "logistic", "svm"]
@@ -247,12 +248,6 @@ def few_shot(split: Split, shots: int, *, label_kind: str, seed: int = 0) -> Spl
     """``shots`` examples per class (all of a smaller class), seeded; regression: ``shots``."""
     if shots < 1:
         raise ConfigError(f"'shots' must be >= 1; got {shots}.")
-    rng = np.random.default_rng(seed)
     if label_kind == "regression":
-        idx = rng.choice(len(split), size=min(shots, len(split)), replace=False)
-    else:
-        idx = np.concatenate([rng.choice(np.flatnonzero(split.labels == c),
-                                         size=min(shots, int((split.labels == c).sum())),
-                                         replace=False)
-                              for c in np.unique(split.labels)])
-    return split.take(np.sort(idx))
+        return split.take(uniform_indices(len(split), shots, seed=seed))
+    return split.take(per_class_indices(split.labels, shots, seed=seed))

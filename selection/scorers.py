@@ -37,6 +37,7 @@ from stepstone.esm.encoder import EncoderMismatchError
 from stepstone.esm.errors import ConfigError, StepstoneError
 from stepstone.esm.model import AFFINE_ARCHITECTURES, EmbeddingSpaceMap
 from stepstone.esm.registry import Registry, RegistryEntry
+from stepstone.esm.sampling import uniform_indices
 from stepstone.esm.taskmodel import TaskModel
 from stepstone.selection.entk import KernelError, compute_kernel
 from stepstone.selection.entk_formulations import ClassifierFormulation
@@ -366,9 +367,7 @@ class KernelScorer(Scorer):
         if len(rest) == 0:
             raise KernelError(f"The target has no examples left to evaluate the kernel on "
                              f"after {self.shots} shots per class.")
-        rng = np.random.default_rng(self.seed)
-        rest = np.sort(rng.choice(rest, size=min(self.eval_examples, len(rest)),
-                                  replace=False))
+        rest = rest[uniform_indices(len(rest), self.eval_examples, seed=self.seed)]
         return train, full.take(rest)
 
     def score(self, target, registry, entries, *, progress=False) -> Scores:
