@@ -647,7 +647,35 @@ def status(*, tasks: str | list[str] = "all", seeds: list[int] = (0, 1),
         done = done_cells(rows, key)
         out[key] = {"rows": sum(r["protocol_key"] == key for r in rows),
                     "expected_done": sum(c in done for c in expected),
-                    "expected": len(expected)}
+                    "expected": len(expected),
+                    "baselines": baseline_check([r for r in rows if r["protocol_key"] == key])}
+    return out
+
+
+# Pre-registered for protocol v2 (benchmarks/README.md): a target counts in the headline
+# numbers only if its no-intermediate baseline clears the majority-class floor by this
+# much on every seed (macro-F1; regression: Pearson r at least this high, doubled).
+LEARNS_MARGIN = 0.10
+
+
+def baseline_check(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per target: each seed's baseline macro-F1 (Pearson r for regression) and the
+    majority-class floor, the smallest margin over seeds, and whether the target passes
+    the pre-registered rule (margin >= LEARNS_MARGIN; regression: r >= 2 x margin).
+    Rows without the floor (v1) are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in sorted((r for r in rows if r["source"] is None), key=lambda r: r["seed"]):
+        if "pearson" in r:
+            score, floor, need = r["pearson"], 0.0, 2 * LEARNS_MARGIN
+        elif "majority_macro_f1" in r:
+            score, floor, need = r["macro_f1"], r["majority_macro_f1"], LEARNS_MARGIN
+        else:
+            continue
+        entry = out.setdefault(r["target"], {"seeds": {}, "floor": round(floor, 4)})
+        entry["seeds"][r["seed"]] = round(score, 4)
+        margin = min(v for v in entry["seeds"].values()) - floor
+        entry["margin"] = round(margin, 4)
+        entry["learns"] = bool(margin >= need)
     return out
 
 

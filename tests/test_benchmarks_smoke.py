@@ -254,6 +254,13 @@ def test_v2_run_exports_esms_and_runs_a_target_subset(tmp_path, smoke, one_threa
     rows = tm.read_rows(results)
     assert first["ran"] == 9 and len(rows) == 9
     assert all(0 < r["majority_accuracy"] < 1 and "majority_macro_f1" in r for r in rows)
+    check = tm.baseline_check(rows)
+    assert set(check) == {"toy0", "toy1", "topics"}
+    for target, entry in check.items():
+        base = next(r for r in rows if r["source"] is None and r["target"] == target)
+        assert entry["margin"] == pytest.approx(base["macro_f1"] - base["majority_macro_f1"],
+                                                abs=1e-4)
+        assert entry["learns"] == (entry["margin"] >= tm.LEARNS_MARGIN)
     assert all(r["steps"] == 2 * 3 for r in rows)  # 24 examples, batch 8, 2 target epochs
     out = tm.esm_export_dir(results, first["protocol_key"])
     for fit in ("ridge", "adamw"):
