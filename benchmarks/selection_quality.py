@@ -22,10 +22,17 @@ metrics and the ground-truth loader are ``stepstone.selection.metrics``:
   perf(S, T) - perf_none(T).
 
 Every metric scores the order ``rank()`` returns (ties broken by task id), which
-is what a user gets; base-embedding ``logme`` gives every source the same score,
-so its order is the tie-break and it is in the table for its cost and as the
-"no intermediate step" reference, not as a selector. ``random`` is the mean over
-10 seeds. Cost columns: milliseconds of ``rank()``'s scoring stage per source
+is what a user gets. Three references need no model: ``random`` is the exact
+expectation over uniformly random orders (``random_regret_at_k``; not a sample), the
+fixed alphabetical order (which is also what base-embedding LogME gives, one score
+for every source, so that row is not repeated), and the "popular source" prior, which
+ranks sources by how they transferred to the *other* targets (leave-one-target-out).
+Every mean has a 95% percentile-bootstrap interval over targets; ``p vs random`` and
+``p vs esm-logme`` are two-sided paired sign-flip permutation tests of the per-target
+values (exact for up to 16 targets). A v2 protocol's ESM fit variants (the paper's
+AdamW fit beside the closed-form ridge fit) are rows of their own, scored from the
+ESMs the runner exported next to the results. Regression targets are scored by Pearson
+correlation (they have no accuracy). Cost columns: milliseconds of ``rank()``'s scoring stage per source
 per target (median over ``--repeats``; the target's embedding, shared by all
 sources, is in its own column; 0 for methods that need none), and bytes on disk
 per source (the ESM's
@@ -51,6 +58,8 @@ the table takes every target whose sources are all scored (``--kernel-results``)
 
     python benchmarks/selection_quality.py                # table + plots from the cache
     python benchmarks/selection_quality.py --recompute    # rescore (needs the work dir)
+    python benchmarks/selection_quality.py --results benchmarks/results/transfer_matrix_v2.jsonl \
+        --out benchmarks/results/quality_v2               # the v2 ground truth
 """
 
 from __future__ import annotations
@@ -70,8 +79,12 @@ import numpy as np
 
 from stepstone.selection.metrics import (
     GroundTruth,
+    bootstrap_ci,
     load_ground_truth,
     ndcg_at_k,
+    paired_permutation_test,
+    random_ndcg_at_k,
+    random_regret_at_k,
     regret_at_k,
     spearman_gain,
 )
@@ -79,7 +92,10 @@ from stepstone.selection.metrics import (
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 KS = (1, 3, 5)
-RANDOM_SEEDS = 10
+RANDOM = "random (exact expectation)"
+FIXED = "fixed order (alphabetical)"
+POPULAR = "popular source (LOTO)"
+REFERENCE = "esm-logme"
 
 logger = logging.getLogger("selection_quality")
 
@@ -115,12 +131,11 @@ class Method:
     registry: str = "s0"          # registry-s0, registry-s1, registry-lowrank, registry-fp16
     layer: int | None = None
     approx_rank: int | None = None
-    random_seeds: int = 0
     note: str = ""
 
 
 def methods(protocol: dict[str, Any], *, approx_rank: int, lowrank: int,
-            have_s1: bool) -> list[Method]:
+            have_s1: bool, variants: tuple[str, ...] = ()) -> list[Method]:
     exit_layer = protocol.get("exit_layer")
     out = [
         Method("esm-logme", "esm-logme", note="linear ESMs, exact (Schulte et al. 2024)"),
@@ -141,12 +156,13 @@ def methods(protocol: dict[str, Any], *, approx_rank: int, lowrank: int,
         Method("knn", "knn", note="leave-one-out 5-NN accuracy of ESM-mapped embeddings"),
         Method("source-logme", "source-logme",
                note="LogME with each real fine-tuned source model (what ESMs approximate)"),
-        Method("logme (base)", "logme", note="same score for every source: order = tie-break"),
         Method("textemb", "textemb", note="cosine of mean base embeddings (Vu et al. 2020)"),
         Method("vocab", "vocab", note="share of the target's frequent words in the source's"),
-        Method("random", "random", random_seeds=RANDOM_SEEDS,
-               note=f"mean over {RANDOM_SEEDS} seeds"),
     ]
+    for variant in variants:
+        out.insert(1, Method(f"esm-logme ({variant} fit)", "esm-logme", registry=variant,
+                             note=f"the same source models' ESMs fitted with {variant}"
+                                  + (" (the paper's fit)" if variant == "adamw" else "")))
     return out
 
 
@@ -178,9 +194,14 @@ def bytes_per_source(method: Method, reg, entries) -> float:
 
 # -- variant registries (no extra fine-tuning) -------------------------------------------------
 def build_variants(work: Path, gt: GroundTruth, encoder, *, lowrank: int, cache=None,
+                   exports: Path | None = None, variants: tuple[str, ...] = (),
                    progress: bool = False) -> None:
-    """registry-lowrank and registry-fp16 from registry-s0 (resumable: keyed by the
-    source entry's settings key)."""
+    """registry-lowrank and registry-fp16 from registry-s0, and a registry-<fit> for
+    each of the protocol's ESM fit ``variants`` (e.g. the paper's adamw fit) from the
+    runner's exported seed-0 ESMs under ``exports`` (task vectors and word profiles
+    from the registry-s0 entry of the same id). Resumable: keyed by the source entry's
+    settings key."""
+    from stepstone.esm.model import EmbeddingSpaceMap
     from stepstone.esm.encoder import load_encoder
     from stepstone.esm.model import fit_esm
     from stepstone.esm.registry import Registry
@@ -214,13 +235,26 @@ def build_variants(work: Path, gt: GroundTruth, encoder, *, lowrank: int, cache=
                              config=s0.config(e.id))
             low.add(esm, esm_id=f"{e.id}-lowrank{rank_}", settings_key=low_key,
                     task_vector=e.task_vector, profile=profile)
+    for variant in variants:
+        with Registry(work / f"registry-{variant}", "w", create=True) as reg:
+            for e in s0.entries():
+                folder = None if exports is None else exports / "s0" / variant / e.id
+                if folder is None or not folder.is_dir():
+                    raise FileNotFoundError(f"No exported {variant} ESM {folder} for "
+                                            f"{e.id}; the runner writes one per source.")
+                key = f"{variant}-{e.settings_key}"
+                if reg.find(key) is None:
+                    reg.add(EmbeddingSpaceMap.load(folder), esm_id=f"{e.id}-{variant}",
+                            settings_key=key, task_vector=e.task_vector,
+                            profile=s0.profile(e.id))
     for reg in (s0, low, half):
         reg.close()
 
 
 # -- scoring ----------------------------------------------------------------------------------
 def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowrank: int = 32,
-                   repeats: int = 3, progress: bool = True) -> dict[str, Any]:
+                   repeats: int = 3, exports: Path | None = None,
+                   progress: bool = True) -> dict[str, Any]:
     """Rank every target with every method; the orders, timings and sizes (the cache)."""
     from tqdm.auto import tqdm
 
@@ -235,7 +269,9 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
         raise FileNotFoundError(f"No {work / 'registry-s0'}: --recompute needs the runner's "
                                 "work folder (run transfer_matrix.py there first).")
     encoder = _matrix_module().protocol_encoder(proto)
-    complete = {"lowrank", "fp16"}  # built below from registry-s0
+    variants = tuple(v.strip() for v in (proto.get("esm_variants") or "").split(",")
+                     if v.strip())
+    complete = {"lowrank", "fp16", *variants}  # built below from registry-s0
     for name in ("s0", "s1"):
         folder = work / f"registry-{name}"
         if not folder.is_dir():
@@ -252,13 +288,15 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
         else:
             complete.add(name)
     cache = EmbeddingCache(work.parent / "cache")
-    build_variants(work, gt, encoder, lowrank=lowrank, cache=cache, progress=progress)
+    build_variants(work, gt, encoder, lowrank=lowrank, cache=cache, exports=exports,
+                   variants=variants, progress=progress)
     regs = {name: Registry(work / f"registry-{name}") for name in sorted(complete)}
     targets = gt.targets()
     tasks = {t: load_task(gt.specs[t]).subsample(
         max_train=proto["target_max_train"], max_test=proto["target_max_test"],
         seed=proto["data_seed"]) for t in targets}
-    table = methods(proto, approx_rank=approx_rank, lowrank=lowrank, have_s1="s1" in regs)
+    table = methods(proto, approx_rank=approx_rank, lowrank=lowrank, have_s1="s1" in regs,
+                    variants=variants)
     out: dict[str, Any] = {"protocol_key": gt.protocol_key, "targets": targets,
                            "repeats": repeats, "methods": {}, "embed_seconds": {}}
     # Target embedding cost, shared by every source: uncached, once per target and depth.
@@ -276,27 +314,20 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
         reg = regs[m.registry]
         per_target = {}
         for t in targets:
-            runs = [None] if not m.random_seeds else list(range(m.random_seeds))
-            orders, score_s, cands = [], [], 0
-            for seed in runs:
-                reps = 1 if (m.method == "source-logme" or m.random_seeds) else repeats
-                times = []
-                for _ in range(reps):
-                    r = rank(tasks[t], reg, m.method, encoder=encoder, layer=m.layer,
-                             approx_rank=m.approx_rank, max_examples=None, cache=cache,
-                             exclude_target=True, progress=False,
-                             scorer_options={"seed": seed} if seed is not None else None)
-                    if r.errors:
-                        raise RuntimeError(f"{m.name} on {t}: sources failed: {r.errors}")
-                    times.append(r.timings["score"])
-                orders.append(r.task_ids)
-                score_s.append(statistics.median(times))
-                cands = r.settings["candidates"]
+            times = []
+            for _ in range(1 if m.method == "source-logme" else repeats):
+                r = rank(tasks[t], reg, m.method, encoder=encoder, layer=m.layer,
+                         approx_rank=m.approx_rank, max_examples=None, cache=cache,
+                         exclude_target=True, progress=False)
+                if r.errors:
+                    raise RuntimeError(f"{m.name} on {t}: sources failed: {r.errors}")
+                times.append(r.timings["score"])
+            cands = r.settings["candidates"]
             layer_entries = [e for e in reg.entries() if e.task_id in r.task_ids
                              and e.encoder_identity.layer == m.layer]
             per_target[t] = {
-                "orders": orders, "candidates": cands,
-                "ms_per_source": 1000 * statistics.median(score_s) / max(cands, 1),
+                "orders": [r.task_ids], "candidates": cands,
+                "ms_per_source": 1000 * statistics.median(times) / max(cands, 1),
                 "bytes_per_source": bytes_per_source(m, reg, layer_entries),
             }
             bar.update(1)
@@ -309,62 +340,154 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
 
 
 # -- evaluation and outputs ------------------------------------------------------------------
-def _mean_std(values: list[float]) -> dict[str, float]:
-    v = np.array([x for x in values if np.isfinite(x)])
-    return {"mean": float(v.mean()) if len(v) else float("nan"),
-            "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"), "n": int(len(v))}
+def prior_orders(gt: GroundTruth) -> dict[str, dict[str, list[str]]]:
+    """Two orders that look at no data of the target: a fixed alphabetical order, and
+    the "popular source" prior, which ranks sources by how well they transferred to the
+    *other* targets (mean over those targets of the source's gain percentile among the
+    target's sources; percentiles keep regression targets, scored by Pearson, on the
+    same scale). The target's own cells never enter its order (leave-one-target-out).
+    Returns {name: {target: order}}."""
+    targets = gt.targets()
+    pct: dict[str, dict[str, float]] = {}
+    for t in targets:
+        perf = gt.mean_perf(t)
+        ranks = _average_ranks([perf[s] for s in sorted(perf)])
+        pct[t] = {s: (r - 1) / max(len(perf) - 1, 1) for s, r in zip(sorted(perf), ranks,
+                                                                      strict=True)}
+    fixed, popular = {}, {}
+    for t in targets:
+        sources = sorted(pct[t])
+        fixed[t] = sources
+        elsewhere = {s: [pct[u][s] for u in targets if u != t and s in pct[u]]
+                     for s in sources}
+        popular[t] = sorted(sources, key=lambda s, e=elsewhere: (
+            -(float(np.mean(e[s])) if e[s] else -1.0), s))
+    return {FIXED: fixed, POPULAR: popular}
+
+
+def _average_ranks(values: list[float]) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(values)  # 1 = smallest; ties share their mean rank
+
+
+METRICS = (*(f"regret@{k}" for k in KS), "ndcg@5", "spearman")
+
+
+def _order_metrics(perf: dict[str, float], order: list[str], base: float) -> dict[str, float]:
+    row = {f"regret@{k}": regret_at_k(perf, order, k, baseline=base) for k in KS}
+    row.update({f"regret_src@{k}": regret_at_k(perf, order, k) for k in KS})
+    row["ndcg@5"] = ndcg_at_k(perf, order, 5)
+    row["spearman"] = spearman_gain(perf, order, base)
+    return row
+
+
+def _random_metrics(perf: dict[str, float], base: float) -> dict[str, float]:
+    """The exact expectation over uniformly random orders (Spearman's is 0)."""
+    row = {f"regret@{k}": random_regret_at_k(perf, k, baseline=base) for k in KS}
+    row.update({f"regret_src@{k}": random_regret_at_k(perf, k) for k in KS})
+    row["ndcg@5"] = random_ndcg_at_k(perf, 5)
+    row["spearman"] = 0.0 if len(set(perf.values())) > 1 else float("nan")
+    return row
+
+
+def _stat(values: list[float]) -> dict[str, Any]:
+    v = [x for x in values if np.isfinite(x)]
+    lo, hi = bootstrap_ci(v)
+    return {"mean": float(np.mean(v)) if v else float("nan"),
+            "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
+            "n": len(v), "ci95": [lo, hi]}
+
+
+def _paired_p(per_target: dict[str, dict], other: dict[str, dict], metric: str) -> float:
+    common = sorted(set(per_target) & set(other))
+    return paired_permutation_test([per_target[t][metric] for t in common],
+                                   [other[t][metric] for t in common])
 
 
 def evaluate(gt: GroundTruth, scores: dict[str, Any]) -> dict[str, Any]:
-    """Per-target and mean metrics of every cached method against the ground truth."""
+    """Per-target and summary metrics of every method against the ground truth.
+
+    The cached rankings, the two priors of :func:`prior_orders`, and random orders by
+    their exact expectation. Every summary metric has a mean, std, n and a 95%
+    percentile-bootstrap interval over targets; ``p_vs_random`` and ``p_vs_esm_logme``
+    are two-sided paired sign-flip permutation tests of the per-target values.
+    """
     targets = gt.targets()
     missing = [t for t in targets if t not in scores["targets"]]
     if missing:
         raise ValueError(f"The score cache has no rankings for targets {missing}; rerun with "
                          f"--recompute.")
-    out: dict[str, Any] = {}
-    for name, m in scores["methods"].items():
+    orders = {name: {t: m["per_target"][t]["orders"] for t in targets
+                     if t in m["per_target"]}  # kernel: maybe a subset
+              for name, m in scores["methods"].items()
+              # old caches: random orders (replaced by the exact expectation) and base
+              # LogME (one score for all: its order is the alphabetical tie-break)
+              if name not in ("random", "logme (base)")}
+    orders.update({name: {t: [o] for t, o in per.items()}
+                   for name, per in prior_orders(gt).items()})
+    per_method: dict[str, dict[str, dict]] = {}
+    for name, by_target in orders.items():
         per_target = {}
-        m_targets = [t for t in targets if t in m["per_target"]]  # kernel: maybe a subset
-        for t in m_targets:
+        for t, cached in by_target.items():
             perf, base = gt.mean_perf(t), gt.mean_base(t)
-            cached = m["per_target"][t]
-            rows = []
-            for order in cached["orders"]:
-                row = {f"regret@{k}": regret_at_k(perf, order, k, baseline=base) for k in KS}
-                row.update({f"regret_src@{k}": regret_at_k(perf, order, k) for k in KS})
-                row["ndcg@5"] = ndcg_at_k(perf, order, 5)
-                row["spearman"] = spearman_gain(perf, order, base)
-                rows.append(row)
+            rows = [_order_metrics(perf, order, base) for order in cached]
             per_target[t] = {k: float(np.nanmean([r[k] for r in rows]))
                              if any(np.isfinite(r[k]) for r in rows) else float("nan")
                              for k in rows[0]}
-            per_target[t]["top1"] = cached["orders"][0][0]
-        metric_names = [k for k in per_target[m_targets[0]] if k != "top1"]
-        layer = m["spec"]["layer"]
-        embed = scores["embed_seconds"].get(str(layer or "full"), {})
-        no_embed = ("random", "vocab", "source-logme", "kernel")
-        out[name] = {
-            "note": m["spec"]["note"],
+            per_target[t]["top1"] = cached[0][0]
+        per_method[name] = per_target
+    per_method[RANDOM] = {t: _random_metrics(gt.mean_perf(t), gt.mean_base(t))
+                          for t in targets}
+    notes = {FIXED: "sources in alphabetical order (the tie-break of equal scores)",
+             POPULAR: "sources by mean gain percentile on the other targets (LOTO)",
+             RANDOM: "exact expectation over uniformly random orders"}
+    out: dict[str, Any] = {}
+    for name, per_target in per_method.items():
+        m = scores["methods"].get(name)
+        m_targets = [t for t in targets if t in per_target]
+        entry: dict[str, Any] = {
+            "note": m["spec"]["note"] if m else notes[name],
             "per_target": per_target,
-            **{k: _mean_std([per_target[t][k] for t in m_targets]) for k in metric_names},
-            "ms_per_source": float(np.mean([m["per_target"][t]["ms_per_source"]
-                                            for t in m_targets])),
-            "embed_ms_per_target": float(1000 * np.mean([embed[t] for t in m_targets]))
-            if embed and m["spec"]["method"] not in no_embed
-            else 0.0,  # these need no base embedding of the target
-            "bytes_per_source": float(np.mean([m["per_target"][t]["bytes_per_source"]
-                                               for t in m_targets])),
+            **{k: _stat([per_target[t][k] for t in m_targets])
+               for k in per_target[m_targets[0]] if k != "top1"},
+            "p_vs_random": {k: _paired_p(per_target, per_method[RANDOM], k)
+                            for k in METRICS if name != RANDOM},
+            "p_vs_esm_logme": {k: _paired_p(per_target, per_method[REFERENCE], k)
+                               for k in METRICS if name != REFERENCE}
+            if REFERENCE in per_method else {},
+            "ms_per_source": 0.0, "embed_ms_per_target": 0.0, "bytes_per_source": 0.0,
         }
+        if m is not None:
+            layer = m["spec"]["layer"]
+            embed = scores["embed_seconds"].get(str(layer or "full"), {})
+            no_embed = ("vocab", "source-logme", "kernel")
+            entry.update({
+                "ms_per_source": float(np.mean([m["per_target"][t]["ms_per_source"]
+                                                for t in m_targets])),
+                "embed_ms_per_target": float(1000 * np.mean([embed[t] for t in m_targets]))
+                if embed and m["spec"]["method"] not in no_embed
+                else 0.0,  # these need no base embedding of the target
+                "bytes_per_source": float(np.mean([m["per_target"][t]["bytes_per_source"]
+                                                   for t in m_targets])),
+            })
+        out[name] = entry
     return out
 
 
-def _fmt(stat: dict[str, float], digits: int = 2) -> str:
+def _fmt(stat: dict[str, Any], digits: int = 2) -> str:
     if not np.isfinite(stat["mean"]):
         return "n/a"
-    if not np.isfinite(stat["std"]):
+    lo, hi = stat.get("ci95", (float("nan"), float("nan")))
+    if not np.isfinite(lo):
         return f"{stat['mean']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _fmt_p(p: dict[str, float]) -> str:
+    if not p:
+        return "—"
+    return " / ".join(f"{p[f'regret@{k}']:.3f}" for k in KS)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -379,17 +502,24 @@ def markdown(gt: GroundTruth, quality: dict[str, Any], noise: dict[str, Any]) ->
     lines = [
         f"Protocol `{gt.protocol_key}` ({p['encoder']}): sources ≤ {p['source_max_examples']}"
         f" train, targets {p['target_max_train']} train / ≤ {p['target_max_test']} test, "
-        f"lr {p['lr']:g}, {p['epochs']} epochs, batch {p['batch_size']}; seeds "
-        f"{gt.seeds}; {len(gt.targets())} targets; metric: target test {gt.metric}. "
-        "Mean ± std over targets.",
+        f"lr {p.get('target_lr', p['lr']):g}, {p.get('target_epochs', p['epochs'])} target "
+        f"epochs, batch {p['batch_size']}; seeds {gt.seeds}; {len(gt.targets())} targets; "
+        f"metric: target test {gt.metric}"
+        + (f" ({', '.join(sorted(gt.target_metrics))}: "
+           f"{', '.join(sorted(set(gt.target_metrics.values())))})" if gt.target_metrics
+           else "")
+        + ". Mean over targets [95% bootstrap interval]; p: two-sided paired sign-flip "
+        "permutation test over targets (regret@1 / @3 / @5).",
         "",
-        "| method | regret@1 | regret@3 | regret@5 | NDCG@5 | Spearman (gain) "
-        "| ms / source / target | target embed ms | bytes / source |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | regret@1 | regret@3 | regret@5 | p vs random | p vs esm-logme "
+        "| NDCG@5 | Spearman (gain) | ms / source / target | target embed ms "
+        "| bytes / source |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, q in quality.items():
         lines.append(
             f"| {name} | {_fmt(q['regret@1'])} | {_fmt(q['regret@3'])} | {_fmt(q['regret@5'])}"
+            f" | {_fmt_p(q['p_vs_random'])} | {_fmt_p(q['p_vs_esm_logme'])}"
             f" | {_fmt(q['ndcg@5'], 3)} | {_fmt(q['spearman'], 3)} | {q['ms_per_source']:.2f}"
             f" | {q['embed_ms_per_target']:.0f} | {_fmt_bytes(q['bytes_per_source'])} |")
     lines += ["", *[f"- {name}: {q['note']}" for name, q in quality.items()]]
@@ -446,8 +576,13 @@ def plot_regret(quality: dict[str, Any], noise: dict[str, Any], path: Path) -> P
     colors = plt.get_cmap("tab20").colors
     for i, (name, q) in enumerate(quality.items()):
         style = "-" if name.startswith("esm-logme") else "--"
-        ax.plot(KS, [q[f"regret@{k}"]["mean"] for k in KS], style, marker="o", label=name,
-                color=colors[i % len(colors)], lw=2.4 if name == "esm-logme" else 1.2)
+        means = [q[f"regret@{k}"]["mean"] for k in KS]
+        color = colors[i % len(colors)]
+        ax.plot(KS, means, style, marker="o", label=name, color=color,
+                lw=2.4 if name in (REFERENCE, RANDOM) else 1.2)
+        if name in (REFERENCE, RANDOM, POPULAR):  # 95% bootstrap intervals over targets
+            ci = np.array([q[f"regret@{k}"]["ci95"] for k in KS]).T
+            ax.fill_between(KS, ci[0], ci[1], color=color, alpha=0.12)
     o = noise["split_seed_oracle"]
     ax.plot(KS, [o[f"regret@{k}"] for k in KS], ":", color="black", lw=2,
             label="split-seed oracle (noise floor)")
@@ -455,7 +590,8 @@ def plot_regret(quality: dict[str, Any], noise: dict[str, Any], path: Path) -> P
     ax.set_xlabel("k (sources tried)")
     ax.set_ylabel("regret@k (mean over targets, lower is better)")
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Selection regret by method")
+    ax.set_title("Selection regret by method (bands: 95% bootstrap intervals over targets)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -481,7 +617,8 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
     if recompute or scores is None or set(gt.targets()) - set(scores["targets"]):
         work = Path(work) if work is not None else tm.WORK_DIR
         scores = compute_scores(gt, work / gt.protocol_key, approx_rank=approx_rank,
-                                lowrank=lowrank, repeats=repeats, progress=progress)
+                                lowrank=lowrank, repeats=repeats, progress=progress,
+                                exports=tm.esm_export_dir(Path(results), gt.protocol_key))
         # not sort_keys: the methods' order is the table's order
         cache_path.write_text(json.dumps(scores, indent=1) + "\n")
     kernel = _kernel_module().method_entry(

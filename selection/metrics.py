@@ -12,6 +12,11 @@ method's ranking of the sources, best first. Every metric scores that order as g
   selection by Vu et al. 2020 and Schulte et al. 2024).
 - :func:`spearman_gain`: Spearman's rank correlation (Spearman 1904) between the order
   and the transfer gains over fine-tuning without an intermediate step.
+- :func:`random_regret_at_k` and :func:`random_ndcg_at_k`: the exact expectation of
+  those metrics over uniformly random orders (no sampling), the chance reference.
+- :func:`bootstrap_ci` (percentile bootstrap of a mean over targets; Efron & Tibshirani
+  1993) and :func:`paired_permutation_test` (sign-flip test of a mean paired
+  difference over targets; Good 2005, "Permutation, Parametric and Bootstrap Tests").
 
 :class:`GroundTruth` holds a transfer matrix's measured cells (per seed) and
 :func:`load_ground_truth` builds it from the matrix's result rows.
@@ -33,8 +38,12 @@ from stepstone.esm.errors import ConfigError
 __all__ = [
     "DEFAULT_KS",
     "GroundTruth",
+    "bootstrap_ci",
     "load_ground_truth",
     "ndcg_at_k",
+    "paired_permutation_test",
+    "random_ndcg_at_k",
+    "random_regret_at_k",
     "regret_at_k",
     "spearman_gain",
 ]
@@ -106,6 +115,88 @@ def spearman_gain(perf: dict[str, float], order: Sequence[str], baseline: float)
     return float(spearmanr(-np.arange(len(ranked)), gains).statistic)
 
 
+def random_regret_at_k(perf: dict[str, float], k: int, *,
+                       baseline: float | None = None) -> float:
+    """The exact mean of :func:`regret_at_k` over all orders of ``perf``'s sources.
+
+    Regret is linear in the picked performance, and the best of k sources drawn without
+    replacement is the i-th smallest of n with probability C(i-1, k-1) / C(n, k).
+    """
+    from math import comb
+
+    vals = np.sort(np.array(list(perf.values()), dtype=np.float64))
+    n = len(vals)
+    if n == 0 or k < 1:
+        raise ConfigError(f"Need k >= 1 and at least one source; got k={k}, {n} sources.")
+    k = min(k, n)
+    weights = np.array([comb(i, k - 1) for i in range(n)], dtype=np.float64) / comb(n, k)
+    picked = float(weights @ vals)
+    best = float(vals[-1]) if baseline is None else max(float(vals[-1]), baseline)
+    return 100.0 * (best - picked) / best
+
+
+def random_ndcg_at_k(perf: dict[str, float], k: int = 5) -> float:
+    """The exact mean of :func:`ndcg_at_k` over all orders of ``perf``'s sources.
+
+    Every position holds each source with probability 1/n, so the expected DCG is the
+    mean relevance times the sum of the first k discounts; the ideal DCG is fixed.
+    """
+    rel = np.array(list(perf.values()), dtype=np.float64)
+    if len(rel) < 2:
+        return 1.0
+    rel -= rel.min()
+    if not rel.any():
+        return 1.0
+    kk = min(k, len(rel))
+    discounts = 1.0 / np.log2(np.arange(2, kk + 2))
+    ideal = float(np.sort(rel)[::-1][:kk] @ discounts)
+    return float(rel.mean() * discounts.sum() / ideal)
+
+
+def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n_boot: int = 10_000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling the values,
+    e.g. targets, with replacement); nan values are left out. (nan, nan) for fewer
+    than two values."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
+    if len(v) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def paired_permutation_test(a: Sequence[float], b: Sequence[float], *,
+                            n_perm: int = 100_000, seed: int = 0) -> float:
+    """Two-sided p-value that the mean of the paired differences ``a - b`` is zero.
+
+    Under the null each pair's difference is as likely positive as negative, so the
+    reference distribution flips the signs: all 2^n flips when n <= 16, else
+    ``n_perm`` random flips (p with the +1 correction of Phipson & Smyth 2010). Pairs
+    with a nan are left out; 1.0 when no difference is non-zero.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ConfigError(f"Paired values need equal lengths; got {a.shape} and {b.shape}.")
+    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    d = d[d != 0]
+    if len(d) == 0:
+        return 1.0
+    observed = abs(d.mean())
+    tol = 1e-12 * max(1.0, observed)
+    if len(d) <= 16:
+        signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
+        return float(np.mean(np.abs((signs * d).mean(axis=1)) >= observed - tol))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, n_perm, 10_000):
+        m = min(10_000, n_perm - start)
+        signs = rng.choice((-1.0, 1.0), size=(m, len(d)))
+        hits += int(np.sum(np.abs((signs * d).mean(axis=1)) >= observed - tol))
+    return (hits + 1) / (n_perm + 1)
+
+
 @dataclasses.dataclass
 class GroundTruth:
     """Measured performances of one transfer-matrix protocol.
@@ -123,6 +214,9 @@ class GroundTruth:
     perf: dict[int, dict[tuple[str, str], float]]
     base: dict[int, dict[str, float]]
     specs: dict[str, str]
+    #: target -> the metric its cells hold when it differs from ``metric`` (regression
+    #: targets have no accuracy; they are scored by ``regression_metric``)
+    target_metrics: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def mean_perf(self, target: str) -> dict[str, float]:
         """Source -> mean performance on ``target`` (sources with at least one seed)."""
@@ -189,13 +283,17 @@ class GroundTruth:
 
 
 def load_ground_truth(rows: Iterable[dict[str, Any]], *, protocol_key: str | None = None,
-                      metric: str = "accuracy") -> GroundTruth:
+                      metric: str = "accuracy",
+                      regression_metric: str = "pearson") -> GroundTruth:
     """The measured cells of one protocol from transfer-matrix result rows.
 
     rows: dicts with ``protocol_key``, ``protocol``, ``seed``, ``source`` (None for the
     no-intermediate-step baseline), ``target``, ``target_spec`` and the ``metric``
     (as ``benchmarks/transfer_matrix.py`` writes them). ``protocol_key`` picks one
     protocol when the rows hold several; a cell given twice keeps its first value.
+    A target whose rows lack ``metric`` but carry ``regression_metric`` (a regression
+    target: no accuracy) is scored by that (higher is better); it is recorded in
+    ``target_metrics``.
     """
     rows = list(rows)
     keys = sorted({r["protocol_key"] for r in rows})
@@ -209,9 +307,10 @@ def load_ground_truth(rows: Iterable[dict[str, Any]], *, protocol_key: str | Non
     rows = [r for r in rows if r["protocol_key"] == protocol_key]
     if not rows:
         raise ConfigError(f"No rows with protocol {protocol_key!r}; the file has {keys}.")
-    if metric not in rows[0]:
+    if not any(metric in r for r in rows):
         raise ConfigError(f"Rows have no metric {metric!r}; they have "
                           f"{sorted(k for k, v in rows[0].items() if isinstance(v, float))}.")
+    target_metrics: dict[str, str] = {}
     seeds = sorted({r["seed"] for r in rows})
     perf: dict[int, dict] = {s: {} for s in seeds}
     base: dict[int, dict] = {s: {} for s in seeds}
@@ -229,6 +328,12 @@ def load_ground_truth(rows: Iterable[dict[str, Any]], *, protocol_key: str | Non
         if key in store:
             logger.warning("Cell %s seed %s appears twice; keeping the first.", key, r["seed"])
             continue
-        store[key] = float(r[metric])
+        name = metric
+        if metric not in r:
+            if regression_metric not in r:
+                raise ConfigError(f"Row {key} (seed {r['seed']}) has neither {metric!r} nor "
+                                  f"{regression_metric!r}.")
+            name = target_metrics[r["target"]] = regression_metric
+        store[key] = float(r[name])
     return GroundTruth(protocol_key, rows[0]["protocol"], metric, sorted(tasks), seeds, perf,
-                       base, specs)
+                       base, specs, target_metrics)

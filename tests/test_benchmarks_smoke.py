@@ -152,12 +152,26 @@ def test_quality_table_from_the_smoke_matrix(smoke, one_thread):
     methods = summary["methods"]
     assert {"esm-logme", "esm-logme approx-8", "esm-logme lowrank-4", "esm-logme fp16",
             "esm-logme exit-L1", "esm-logme seed-1 ESMs", "knn", "source-logme",
-            "logme (base)", "textemb", "vocab", "random"} == set(methods)
+            "textemb", "vocab", sq.RANDOM, sq.FIXED, sq.POPULAR} == set(methods)
     for name, q in methods.items():
         for k in ("regret@1", "regret@3", "regret@5", "ndcg@5"):
             assert np.isfinite(q[k]["mean"]), (name, k)
             assert 0.0 <= q[k]["mean"] <= 100.0
+            lo, hi = q[k]["ci95"]
+            assert lo <= q[k]["mean"] <= hi
         assert q["ms_per_source"] >= 0
+        assert (name == sq.RANDOM) == (not q["p_vs_random"])
+        assert all(0.0 < p <= 1.0 for p in q["p_vs_random"].values())
+    # fp16 ESMs order the toy sources exactly like the float32 ones: no difference at all
+    assert methods["esm-logme fp16"]["p_vs_esm_logme"]["regret@1"] == 1.0
+    # the exact random expectation of regret@k over the (2) sources of each target
+    gt_perf = summary["ground_truth"]["perf"]
+    for t in summary["targets"]:
+        perf, base = gt_perf[t], summary["ground_truth"]["baseline"][t]
+        best = max(max(perf.values()), base)
+        mean_pick = float(np.mean(list(perf.values())))
+        assert methods[sq.RANDOM]["per_target"][t]["regret@1"] == pytest.approx(
+            100 * (best - mean_pick) / best)
     # fp16 storage halves the weights; the kept model is far larger than an ESM
     assert methods["esm-logme fp16"]["bytes_per_source"] < \
         methods["esm-logme"]["bytes_per_source"]
@@ -273,3 +287,9 @@ def test_v2_run_exports_esms_and_runs_a_target_subset(tmp_path, smoke, one_threa
     assert second["ran"] == 3  # (none, toy0, toy1) -> topics
     assert {tm.cell_key(r) for r in tm.read_rows(results)} >= {
         (1, None, "topics"), (1, "toy0", "topics"), (1, "toy1", "topics")}
+    # the quality table scores the paper's fit from the exported ESMs beside the new one
+    summary = sq.regenerate(results=results, out=tmp_path / "quality", work=common["work"],
+                            recompute=True, repeats=1, approx_rank=8, lowrank=4,
+                            progress=False)
+    assert "esm-logme (adamw fit)" in summary["methods"]
+    assert "esm-logme seed-1 ESMs" not in summary["methods"]  # seed 1 lacks source topics

@@ -99,3 +99,62 @@ def test_ground_truth_refuses_empty_rows_and_unknown_metric():
         load_ground_truth(rows, metric="f1")
     with pytest.raises(ConfigError, match="No rows with protocol 'x'"):
         load_ground_truth(rows, protocol_key="x")
+
+
+def test_random_expectations_equal_the_mean_over_every_order():
+    from itertools import permutations
+
+    from stepstone.selection.metrics import random_ndcg_at_k, random_regret_at_k
+
+    perf = {"a": 0.5, "b": 0.7, "c": 0.6, "d": 0.9, "e": 0.65}
+    orders = [list(o) for o in permutations(perf)]
+    for k in (1, 2, 3, 5, 9):
+        for base in (None, 0.95):
+            brute = np.mean([regret_at_k(perf, o, k, baseline=base) for o in orders])
+            assert random_regret_at_k(perf, k, baseline=base) == pytest.approx(brute, abs=1e-9)
+        brute = np.mean([ndcg_at_k(perf, o, k) for o in orders])
+        assert random_ndcg_at_k(perf, k) == pytest.approx(brute, abs=1e-9)
+    with pytest.raises(ConfigError, match="k >= 1"):
+        random_regret_at_k(perf, 0)
+
+
+def test_paired_permutation_test_exact_and_sampled():
+    from stepstone.selection.metrics import paired_permutation_test
+
+    # five differences all positive: only the all-plus and all-minus flips are as extreme
+    assert paired_permutation_test([1, 2, 3, 4, 5], [0] * 5) == pytest.approx(2 / 32)
+    assert paired_permutation_test([1, 2], [1, 2]) == 1.0  # no difference at all
+    # symmetric differences: the observed mean is 0, every flip is as extreme
+    assert paired_permutation_test([1, -1, 2, -2], [0] * 4) == 1.0
+    rng = np.random.default_rng(1)
+    d = rng.normal(0.5, 1.0, size=40)
+    p = paired_permutation_test(d, np.zeros(40), n_perm=20_000)
+    from scipy.stats import ttest_1samp
+
+    # a large-sample sign-flip test agrees with the t test to within sampling error
+    assert abs(p - ttest_1samp(d, 0.0).pvalue) < 0.01
+    assert paired_permutation_test(rng.normal(0, 1, 40), np.zeros(40)) > 0.05
+    with pytest.raises(ConfigError, match="equal lengths"):
+        paired_permutation_test([1, 2], [1])
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_data():
+    from stepstone.selection.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(1, 1, 10), rng.normal(1, 1, 400)
+    lo_s, hi_s = bootstrap_ci(small)
+    lo_l, hi_l = bootstrap_ci(large)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert (hi_l - lo_l) < (hi_s - lo_s) / 3
+    assert all(math.isnan(x) for x in bootstrap_ci([1.0]))
+
+
+def test_regression_targets_use_the_regression_metric():
+    rows = _rows({0: {("a", "T"): 0.8, (None, "T"): 0.5}})
+    reg = [{**r, "target": "R", "pearson": r["accuracy"] - 0.3} for r in rows]
+    for r in reg:
+        del r["accuracy"]
+    gt = load_ground_truth(rows + reg)
+    assert gt.target_metrics == {"R": "pearson"}
+    assert gt.mean_base("R") == pytest.approx(0.2) and gt.mean_base("T") == 0.5
