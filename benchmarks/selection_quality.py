@@ -32,12 +32,12 @@ Every mean has a 95% percentile-bootstrap interval over targets; ``p vs random``
 values (exact for up to 16 targets). A v2 protocol's ESM fit variants (the paper's
 AdamW fit beside the closed-form ridge fit) are rows of their own, scored from the
 ESMs the runner exported next to the results. Regression targets are scored by Pearson
-correlation (they have no accuracy). Cost columns: milliseconds of ``rank()``'s scoring stage per source
-per target (median over ``--repeats``; the target's embedding, shared by all
-sources, is in its own column; 0 for methods that need none), and bytes on disk
-per source (the ESM's
-config.json + model.safetensors; the kept model for ``source-logme``; the task
-vector for ``textemb``; the word profile for ``vocab``).
+correlation (they have no accuracy). Cost columns: milliseconds of ``rank()``'s
+scoring stage per source per target (median over ``--repeats``; the target's
+embedding, shared by all sources, is in its own column; 0 for methods that need
+none), and bytes on disk per source (the ESM's config.json + model.safetensors; the
+kept model for ``source-logme``; the task vector for ``textemb``; the word profile
+for ``vocab``).
 
 Seed noise of the ground truth: the std of a cell across seeds (mean over cells),
 and the regret@k of a split-seed oracle that ranks by one seed's measured
@@ -59,7 +59,7 @@ the table takes every target whose sources are all scored (``--kernel-results``)
     python benchmarks/selection_quality.py                # table + plots from the cache
     python benchmarks/selection_quality.py --recompute    # rescore (needs the work dir)
     python benchmarks/selection_quality.py --results benchmarks/results/transfer_matrix_v2.jsonl \
-        --out benchmarks/results/quality_v2               # the v2 ground truth
+        --tasks all --out benchmarks/results/quality_v2   # the v2 ground truth (pool)
 """
 
 from __future__ import annotations
@@ -201,9 +201,8 @@ def build_variants(work: Path, gt: GroundTruth, encoder, *, lowrank: int, cache=
     runner's exported seed-0 ESMs under ``exports`` (task vectors and word profiles
     from the registry-s0 entry of the same id). Resumable: keyed by the source entry's
     settings key."""
-    from stepstone.esm.model import EmbeddingSpaceMap
     from stepstone.esm.encoder import load_encoder
-    from stepstone.esm.model import fit_esm
+    from stepstone.esm.model import EmbeddingSpaceMap, fit_esm
     from stepstone.esm.registry import Registry
     from stepstone.esm.specs import load_task
 
@@ -598,8 +597,21 @@ def plot_regret(quality: dict[str, Any], noise: dict[str, Any], path: Path) -> P
     return path
 
 
+def restrict_rows(rows: list[dict[str, Any]], tasks: str | list[str]) -> list[dict[str, Any]]:
+    """The rows whose target and source (if any) are among the task specs ``tasks``
+    (``all`` = the benchmark pool; see ``transfer_matrix.resolve_tasks``)."""
+    specs = {str(s) for s in _matrix_module().resolve_tasks(tasks)}
+    kept = [r for r in rows if r["target_spec"] in specs
+            and (r["source"] is None or r["source_spec"] in specs)]
+    if len(kept) < len(rows):
+        logger.info("Kept %d of %d rows: those among the tasks %s.", len(kept), len(rows),
+                    tasks)
+    return kept
+
+
 def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None = None,
                recompute: bool = False, protocol_key: str | None = None,
+               tasks: str | list[str] | None = None,
                kernel_results: str | Path | None = None,
                metric: str = "accuracy", approx_rank: int = 64, lowrank: int = 32,
                repeats: int = 3, progress: bool = True) -> dict[str, Any]:
@@ -607,7 +619,10 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
     tm = _matrix_module()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    gt = load_ground_truth(tm.read_rows(results), protocol_key=protocol_key, metric=metric)
+    rows = tm.read_rows(results)
+    if tasks is not None:
+        rows = restrict_rows(rows, tasks)
+    gt = load_ground_truth(rows, protocol_key=protocol_key, metric=metric)
     cache_path = out / "selection_quality_scores.json"
     scores = json.loads(cache_path.read_text()) if cache_path.exists() else None
     if scores is not None and scores.get("protocol_key") != gt.protocol_key:
@@ -646,6 +661,11 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
     (out / "selection_quality.json").write_text(
         json.dumps(summary, indent=1, sort_keys=True, default=float) + "\n")
     table = markdown(gt, quality, noise)
+    # issue 15: the gain model's recommendation, leave-one-target-out ('' without the
+    # per-target scores that `stepstone gain fit --scores` writes for this protocol)
+    table += _script_module("recommend_quality").section(
+        results, RESULTS_DIR / f"gain_scores_{gt.protocol_key}.json",
+        protocol_key=gt.protocol_key, metric=metric)
     (out / "selection_quality.md").write_text(table)
     plot_gains(gt, out / "transfer_matrix_gains.png")
     plot_regret(quality, noise, out / "selection_quality_regret.png")
@@ -663,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recompute", action="store_true",
                         help="Rescore every method (needs the work registries).")
     parser.add_argument("--protocol", default=None, help="Protocol key, if several.")
+    parser.add_argument("--tasks", default=None,
+                        help="Score only the cells among these tasks (comma-separated specs "
+                             "or 'all' = the benchmark pool; default: every row).")
     parser.add_argument("--kernel-results", default=str(RESULTS_DIR / "kernel_transfer.jsonl"),
                         help="Pair scores of kernel_transfer.py (the 'kernel (eNTK)' row; "
                              "skipped when the file is missing).")
@@ -674,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     regenerate(results=args.results, out=args.out, work=args.work, recompute=args.recompute,
-               protocol_key=args.protocol, kernel_results=args.kernel_results,
+               protocol_key=args.protocol, tasks=args.tasks,
+               kernel_results=args.kernel_results,
                metric=args.metric, approx_rank=args.approx_rank,
                lowrank=args.lowrank, repeats=args.repeats, progress=not args.quiet)
     return 0

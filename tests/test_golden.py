@@ -31,8 +31,8 @@ TINY_TRANSFER = [
 def test_builtin_data_hashes_unchanged():
     from stepstone.esm.catalog import builtin_ids, is_available, load_builtin
 
-    # the tasks pinned before the clean-up are all still there with the same data; tasks
-    # added since are not pinned here
+    # every pinned task (the 13 pinned before the clean-up and the catalog's later
+    # additions, pinned before the v2 transfer matrix) is still there with the same data
     available = {t for t in builtin_ids() if is_available(t)}
     pinned = GOLDEN["data_hashes"]
     assert set(pinned) <= available, f"pinned tasks gone: {set(pinned) - available}"
