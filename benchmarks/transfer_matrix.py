@@ -652,6 +652,35 @@ def status(*, tasks: str | list[str] = "all", seeds: list[int] = (0, 1),
     return out
 
 
+def ship(*, out: str | Path, protocol_key: str, tasks: str | list[str] = "all",
+         work: str | Path = WORK_DIR, seed: int = 0) -> dict[str, Any]:
+    """Write the full-depth ESMs of ``tasks`` from the seed's source build into a fresh
+    registry ``out`` (no kept models), replacing it atomically: the registry the quality
+    table scores, which ``make registry`` (the same build settings from the CLI) then
+    reproduces key for key without fine-tuning anything.
+
+    Refuses when a task has no full-depth ESM in the build (the run is not done)."""
+    from stepstone.esm.atomic import atomic_path
+    from stepstone.esm.registry import Registry
+
+    task_ids = [t.split(":", 1)[1] if t.startswith("builtin:") else Path(t).stem
+                for t in resolve_tasks(tasks)]
+    with Registry(registry_dir(Path(work), protocol_key, seed)) as src:
+        entries = {e.task_id: e for e in src.entries() if e.layer is None}
+        missing = [t for t in task_ids if t not in entries]
+        if missing:
+            raise ValueError(f"The seed-{seed} build of protocol {protocol_key} has no "
+                             f"full-depth ESM for {missing}; finish the run first.")
+        with atomic_path(Path(out)) as tmp:
+            with Registry(tmp, "w", create=True) as reg:
+                for t in task_ids:
+                    e = entries[t]
+                    reg.add(src.load_esm(e.id), esm_id=e.id, settings_key=e.settings_key,
+                            task_vector=e.task_vector, profile=src.profile(e.id))
+    return {"registry": str(out), "protocol_key": protocol_key, "seed": seed,
+            "esms": [entries[t].id for t in task_ids]}
+
+
 # Pre-registered for protocol v2 (benchmarks/README.md): a target counts in the headline
 # numbers only if its no-intermediate baseline clears the majority-class floor by this
 # much on every seed (macro-F1; regression: Pearson r at least this high, doubled).
@@ -685,6 +714,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="Run the cells of this shard that are not done yet.")
     p_status = sub.add_parser("status", help="Count finished cells per protocol key.")
+    p_ship = sub.add_parser("ship", help="Write the seed's full-depth ESMs into a fresh "
+                                         "registry (the shipped one: esm/default_registry).")
+    p_ship.add_argument("--out", required=True, help="Registry folder to (re)write.")
+    p_ship.add_argument("--tasks", default="all", help="The sources (default: the pool).")
+    p_ship.add_argument("--protocol", choices=sorted(PROTOCOLS), default="v2")
+    p_ship.add_argument("--seed", type=int, default=0)
+    p_ship.add_argument("--work", default=str(WORK_DIR))
     for p in (p_run, p_status):
         p.add_argument("--tasks", default="all",
                        help="Comma-separated built-in ids, builtin:all, or task files.")
@@ -717,10 +753,17 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p_run, ExecutorSettings)  # --executor local|ray, --ray-address, ...
     add_config_args(p_run, Protocol)  # --source-max-examples, --lr, ... (defaults: Protocol's)
     args = parser.parse_args(argv)
-    if args.results is None:
+    if getattr(args, "results", "") is None:
         args.results = str(RESULTS_FILE if args.protocol == "v1"
                            else RESULTS_FILE.with_name(f"transfer_matrix_{args.protocol}.jsonl"))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "ship":
+        from stepstone.esm.encoder import DEFAULT_ENCODER, load_encoder
+
+        key = Protocol.key_of(PROTOCOLS[args.protocol].record(load_encoder(DEFAULT_ENCODER)))
+        print(json.dumps(ship(out=args.out, protocol_key=key, tasks=args.tasks,
+                              work=args.work, seed=args.seed), indent=2))
+        return 0
     if args.command == "status":
         print(json.dumps(status(tasks=args.tasks, seeds=args.seeds, results=args.results),
                          indent=2))

@@ -293,3 +293,32 @@ def test_v2_run_exports_esms_and_runs_a_target_subset(tmp_path, smoke, one_threa
                             progress=False)
     assert "esm-logme (adamw fit)" in summary["methods"]
     assert "esm-logme seed-1 ESMs" not in summary["methods"]  # seed 1 lacks source topics
+
+
+def test_ship_writes_the_full_depth_esms_that_a_rebuild_reproduces(smoke, tmp_path):
+    """`transfer_matrix.py ship`: the seed-0 full-depth ESMs, no kept models, and a
+    rebuild with the same settings adds nothing (same settings keys)."""
+    from stepstone.esm.registry import Registry
+    from stepstone.finetune.build import BuildSettings, build_registry
+
+    key = smoke["first"]["protocol_key"]
+    tasks = smoke["common"]["tasks"]
+    out = tmp_path / "shipped"
+    summary = tm.ship(out=out, protocol_key=key, tasks=tasks, work=smoke["common"]["work"])
+    assert len(summary["esms"]) == 3
+    with Registry(out) as reg:
+        entries = reg.entries()
+        assert sorted(e.id for e in entries) == sorted(summary["esms"])
+        assert all(e.layer is None and not e.has_model for e in entries)
+    protocol = smoke["common"]["protocol"]
+    from stepstone.esm.encoder import load_encoder
+
+    encoder = load_encoder(smoke["common"]["encoder"])
+    settings = BuildSettings(**{**vars(protocol.build_settings(0, encoder.num_layers)),
+                                "keep_models": False, "exit_layers": ()})
+    report = build_registry(out, tasks, encoder=encoder, settings=settings, progress=False)
+    assert report.added == [] and len(report.skipped) == 3
+    with pytest.raises(ValueError, match="no full-depth ESM"):
+        tm.ship(out=tmp_path / "x", protocol_key=key, tasks=[*tasks, "builtin:sms_spam"],
+                work=smoke["common"]["work"])
+    assert not (tmp_path / "x").exists()
