@@ -597,6 +597,51 @@ def plot_regret(quality: dict[str, Any], noise: dict[str, Any], path: Path) -> P
     return path
 
 
+def esm_fits(exports: Path, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Per exported ESM of ``seed`` (every fit, every depth): held-out MSE of the fit and
+    of the identity map, and the share of the fine-tuning shift the fit captures, read
+    from the ESMs' configs (no model needed)."""
+    out = []
+    root = Path(exports) / f"s{seed}"
+    for fit_dir in sorted(p for p in root.glob("*") if p.is_dir()):
+        for folder in sorted(p for p in fit_dir.iterdir() if p.is_dir()):
+            cfg = json.loads((folder / "config.json").read_text())
+            m = cfg.get("metrics", {})
+            out.append({"source": cfg["task_id"], "fit": fit_dir.name, "esm_id": folder.name,
+                        "layer": cfg["encoder"].get("layer"),
+                        "val_mse": m.get("val_mse"), "identity_val_mse": m.get("identity_val_mse"),
+                        "shift_captured": m.get("shift_captured"),
+                        "source_test_accuracy": m.get("source_test_accuracy"),
+                        "steps": cfg.get("finetune", {}).get("steps")})
+    return out
+
+
+def esm_fits_markdown(fits: list[dict[str, Any]]) -> str:
+    """One row per source and depth: each fit's held-out MSE and shift captured beside
+    the identity map's MSE."""
+    by: dict[tuple, dict[str, dict]] = {}
+    for f in fits:
+        by.setdefault((f["source"], f["layer"]), {})[f["fit"]] = f
+    fit_names = sorted({f["fit"] for f in fits})
+    lines = ["| source | depth | source test acc. | identity val MSE | "
+             + " | ".join(f"{n} val MSE (shift captured)" for n in fit_names) + " |",
+             "|---|---|---|---|" + "---|" * len(fit_names)]
+    for (src, layer), per in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        any_fit = next(iter(per.values()))
+        acc = any_fit["source_test_accuracy"]
+        cells = []
+        for n in fit_names:
+            f = per.get(n)
+            cells.append("—" if f is None or f["val_mse"] is None else
+                         f"{f['val_mse']:.4f} ({100 * f['shift_captured']:.0f} %)")
+        lines.append(f"| {src} | {'full' if layer is None else f'layer {layer}'} | "
+                     + (f"{acc:.3f}" if acc is not None else "—") + " | "
+                     + (f"{any_fit['identity_val_mse']:.4f}"
+                        if any_fit["identity_val_mse"] is not None else "—")
+                     + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def restrict_rows(rows: list[dict[str, Any]], tasks: str | list[str]) -> list[dict[str, Any]]:
     """The rows whose target and source (if any) are among the task specs ``tasks``
     (``all`` = the benchmark pool; see ``transfer_matrix.resolve_tasks``)."""
@@ -665,8 +710,15 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
     # per-target scores that `stepstone gain fit --scores` writes for this protocol)
     table += _script_module("recommend_quality").section(
         results, RESULTS_DIR / f"gain_scores_{gt.protocol_key}.json",
-        protocol_key=gt.protocol_key, metric=metric)
+        quality=out / "selection_quality.json", protocol_key=gt.protocol_key, metric=metric)
     (out / "selection_quality.md").write_text(table)
+    exports = tm.esm_export_dir(Path(results), gt.protocol_key)
+    if exports.is_dir():  # v2: every source's ESM fit against the identity map
+        fits = esm_fits(exports)
+        summary["esm_fits"] = fits
+        (out / "esm_fits.md").write_text(esm_fits_markdown(fits))
+        (out / "selection_quality.json").write_text(
+            json.dumps(summary, indent=1, sort_keys=True, default=float) + "\n")
     plot_gains(gt, out / "transfer_matrix_gains.png")
     plot_regret(quality, noise, out / "selection_quality_regret.png")
     print(table)

@@ -293,6 +293,11 @@ def test_v2_run_exports_esms_and_runs_a_target_subset(tmp_path, smoke, one_threa
                             progress=False)
     assert "esm-logme (adamw fit)" in summary["methods"]
     assert "esm-logme seed-1 ESMs" not in summary["methods"]  # seed 1 lacks source topics
+    fits = summary["esm_fits"]
+    assert {(f["fit"], f["source"]) for f in fits} == {
+        (fit, t) for fit in ("ridge", "adamw") for t in ("toy0", "toy1", "topics")}
+    assert all(f["val_mse"] < f["identity_val_mse"] for f in fits if f["fit"] == "ridge")
+    assert "| toy0 | full |" in (tmp_path / "quality" / "esm_fits.md").read_text()
 
 
 def test_ship_writes_the_full_depth_esms_that_a_rebuild_reproduces(smoke, tmp_path):
