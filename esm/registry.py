@@ -551,6 +551,35 @@ class Registry:
                                 f"{len(self)} ESMs (see `stepstone registry list`).")
         return found[0]
 
+    def resolve(self, name: str) -> RegistryEntry:
+        """The ESM with id ``name``, or the one ESM of task ``name`` (``builtin:`` ok).
+
+        Raises
+        ------
+        RegistryError
+            When the task has several ESMs (their ids are named), or nothing matches
+            (the closest ids and task ids are suggested).
+        """
+        if name in self:
+            return self.get(name)
+        entries = self.entries()
+        task = name.removeprefix("builtin:")
+        found = [e for e in entries if e.task_id == task]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise RegistryError(f"Task {task!r} has {len(found)} ESMs in registry "
+                                f"{str(self.path)!r}: {', '.join(e.id for e in found)}; "
+                                "name one by its id.")
+        import difflib
+
+        names = sorted({e.id for e in entries} | {e.task_id for e in entries})
+        close = difflib.get_close_matches(task, names, n=5, cutoff=0.5)
+        hint = (f"did you mean {', '.join(close)}?" if close else
+                "see `stepstone registry list`.")
+        raise RegistryError(f"No ESM or task {name!r} in registry {str(self.path)!r} "
+                            f"({len(entries)} ESMs); {hint}")
+
     def find(self, settings_key: str) -> RegistryEntry | None:
         """The entry built with exactly these settings, if any.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,7 +23,7 @@ TASK_MODEL_HEAD = "head.safetensors"
 TASK_MODEL_META = "head.json"
 
 __all__ = ["TASK_MODEL_ENCODER", "TASK_MODEL_HEAD", "TASK_MODEL_META", "TaskModel",
-           "load_task_model", "save_task_model"]
+           "load_task_model", "metrics_from_outputs", "save_task_model"]
 
 
 class TaskModel(nn.Module):
@@ -87,3 +88,22 @@ def load_task_model(folder: str | Path, *, name: str | None = None,
     model = TaskModel(encoder, int(meta["num_labels"]))
     model.head.load_state_dict(load_file(str(folder / TASK_MODEL_HEAD)))
     return model.to(device).eval()
+
+
+def metrics_from_outputs(outputs: np.ndarray, labels: np.ndarray, label_kind: str
+                         ) -> dict[str, float]:
+    """Accuracy and macro-F1 from logits/predicted classes (classification), or MSE and
+    Pearson r from predicted values (regression): the one scoring of a task model's (or
+    a kernel's) predictions.
+
+    outputs: (n, C) scores or (n,) predicted classes for classification; (n,) values.
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if label_kind == "classification":
+        pred = outputs.argmax(1) if outputs.ndim == 2 else outputs
+        return {"accuracy": float(accuracy_score(labels, pred)),
+                "macro_f1": float(f1_score(labels, pred, average="macro"))}
+    err = float(np.mean((outputs - labels) ** 2))
+    r = float(np.corrcoef(outputs, labels)[0, 1]) if len(labels) > 1 else float("nan")
+    return {"mse": err, "pearson": r}

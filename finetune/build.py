@@ -32,6 +32,7 @@ from stepstone.esm.cache import EmbeddingCache
 from stepstone.esm.data import DataError, Task, token_counts
 from stepstone.esm.encoder import Encoder, EncoderMismatchError, load_encoder
 from stepstone.esm.errors import ConfigError
+from stepstone.esm.leakage import KEYS_NAME, task_texts, text_keys
 from stepstone.esm.model import (
     ARCHITECTURES,
     EmbeddingSpaceMap,
@@ -107,6 +108,7 @@ class BuildReport:
     seconds: float = 0.0
     per_source_seconds: dict[str, float] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    splits: dict[str, str] = field(default_factory=dict)  # source -> its test split, and how
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,6 +117,7 @@ class BuildReport:
         lines = [f"added {len(self.added)}, skipped {len(self.skipped)} (already built), "
                  f"failed {len(self.failed)} in {self.seconds:.0f}s"]
         lines += [f"  labels of {src}: {kind}" for src, kind in self.labels.items()]
+        lines += [f"  test split of {src}: {note}" for src, note in self.splits.items()]
         lines += [f"  failed {src}: {msg}" for src, msg in self.failed.items()]
         return "\n".join(lines)
 
@@ -163,6 +166,7 @@ class SourceArtifacts:
     esms: list[FittedESM] = field(default_factory=list)
     seconds: float = 0.0
     labels: str = ""
+    split: str = ""
 
 
 def fit_source(
@@ -189,7 +193,8 @@ def fit_source(
     todo = [(e, k) for e, k in zip(base_encoders, keys, strict=True) if k not in skip]
     logger.info("Source %s: labels %s.", task.task_id, task.label_summary())
     if not todo:
-        return SourceArtifacts(task.task_id, labels=task.label_summary())
+        return SourceArtifacts(task.task_id, labels=task.label_summary(),
+                               split=task.split_note)
     capped = task.subsample(max_train=settings.max_examples, max_test=settings.max_eval,
                             seed=settings.finetune.seed)
     tuned_encoder = encoder.copy()
@@ -210,13 +215,15 @@ def fit_source(
         **settings.finetune.to_dict(), "max_examples": settings.max_examples,
         "steps": result.steps, "seconds": round(result.seconds, 1)}
     metrics = {f"source_test_{k}": v for k, v in source_metrics.items()}
-    profile = {"num_train": len(capped.train), "token_counts": token_counts(texts)}
-    out = SourceArtifacts(task.task_id, labels=task.label_summary())
+    profile = {"num_train": len(capped.train), "token_counts": token_counts(texts),
+               KEYS_NAME: text_keys(task_texts(task))}
+    out = SourceArtifacts(task.task_id, labels=task.label_summary(),
+                          split=task.split_note)
     for base_encoder, key in todo:
         base = base_encoder.embed(inputs, cache=cache, progress=progress)
         config = ESMConfig(
             encoder=dataclasses.asdict(base_encoder.identity), task_id=task.task_id,
-            task_data_hash=task.data_hash(), task_origin=task.origin,
+            task_data_hash=task.data_hash(), task_origin=task.origin, task_spec=task.spec,
             num_examples=len(capped.train), label_kind=task.label_kind,
             classes=list(task.classes), finetune=finetune_record)
         esm, fit = fit_esm(base, tuned, architecture=settings.architecture, rank=settings.rank,
@@ -428,6 +435,8 @@ def build_registry(
                 report.failed[name] = result.error
                 continue
             report.labels[name] = result.value.labels
+            if result.value.split:
+                report.splits[name] = result.value.split
             t0 = time.perf_counter()
             try:
                 entries = add_source(reg, result.value)

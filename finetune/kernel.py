@@ -27,11 +27,11 @@ import torch
 
 from stepstone.esm.data import Task
 from stepstone.esm.encoder import Encoder
-from stepstone.esm.taskmodel import TaskModel
+from stepstone.esm.taskmodel import TaskModel, metrics_from_outputs
 from stepstone.finetune.train import FinetuneSettings, evaluate, finetune
 from stepstone.selection.entk import KernelError, compute_kernel
 from stepstone.selection.entk_formulations import ClassifierFormulation
-from stepstone.selection.entk_solvers import KernelSettings, few_shot, kernel_metrics, solve
+from stepstone.selection.entk_solvers import KernelSettings, few_shot, solve
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +149,10 @@ def kernel_vs_finetune(
                  desc="fine-tuning (actual)")
         ft_metrics = evaluate(start, task, evalset)
         timings["finetune"] = time.perf_counter() - t1
+    kind = task.label_kind
     return KernelReport(task.task_id, source, shots, seed, len(train), len(evalset),
-                        settings.to_dict(), kernel_metrics(pred, evalset.labels, task.label_kind),
-                        ft_metrics, kernel_metrics(f0, evalset.labels, task.label_kind),
+                        settings.to_dict(), metrics_from_outputs(pred, evalset.labels, kind),
+                        ft_metrics, metrics_from_outputs(f0, evalset.labels, kind),
                         {k: round(v, 3) for k, v in timings.items()}, km.num_params,
                         km.held_gradient_bytes / 2**20,
                         ft.to_dict() if run_finetune else None)

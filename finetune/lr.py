@@ -59,8 +59,10 @@ def layer_groups(model: nn.Module) -> LayerGroups:
     """Split ``model``'s trainable parameters into embeddings / layers / head groups.
 
     The transformer layers are found as the ``nn.ModuleList`` with
-    ``num_hidden_layers`` entries (no model-class lists); parameters below the first
-    layer whose name contains ``embed`` form ``embeddings``; all the rest is ``head``.
+    ``num_hidden_layers`` entries (no model-class lists); parameters whose name
+    contains ``embed``, and those the layers' own container holds outside the layers
+    (MPNet's ``encoder.relative_attention_bias``, the position bias every layer
+    reads), form ``embeddings``; all the rest is ``head``.
     Every trainable parameter lands in exactly one group.
     """
     backbone = next((m for m in model.modules() if hasattr(m, "config")
@@ -72,6 +74,10 @@ def layer_groups(model: nn.Module) -> LayerGroups:
     for i, block in enumerate(blocks):
         for p in block.parameters():
             block_of[id(p)] = i
+    container = next((m for m in backbone.modules()
+                      if any(c is blocks for c in m.children())), None)
+    shared = {id(p) for p in (container.parameters() if container is not None else ())
+              if id(p) not in block_of}
     groups: dict[str, list[str]] = {"embeddings": []}
     groups.update({f"layer.{i}": [] for i in range(len(blocks))})
     groups["head"] = []
@@ -80,7 +86,7 @@ def layer_groups(model: nn.Module) -> LayerGroups:
             continue
         if id(p) in block_of:
             groups[f"layer.{block_of[id(p)]}"].append(name)
-        elif "embed" in name:
+        elif "embed" in name or id(p) in shared:
             groups["embeddings"].append(name)
         else:
             groups["head"].append(name)

@@ -44,6 +44,7 @@ from stepstone.esm.taskmodel import (  # noqa: F401
     TASK_MODEL_META,
     TaskModel,
     load_task_model,
+    metrics_from_outputs,
     save_task_model,
 )
 from stepstone.finetune.lr import NO_DECAY, layer_groups, param_groups, resolve_distribution
@@ -524,24 +525,6 @@ def predict(model: TaskModel, split: Split, *, batch_size: int = 64) -> np.ndarr
     for idx, batch in model.encoder.batches(split.inputs(), batch_size, order="longest_first"):
         out[idx] = model(batch).float().cpu().numpy()
     return out[:, 0] if model.head.out_features == 1 else out
-
-
-def metrics_from_outputs(outputs: np.ndarray, labels: np.ndarray, label_kind: str
-                         ) -> dict[str, float]:
-    """Accuracy and macro-F1 from logits/predicted classes (classification), or MSE and
-    Pearson r from predicted values (regression).
-
-    outputs: (n, C) scores or (n,) predicted classes for classification; (n,) values.
-    """
-    from sklearn.metrics import accuracy_score, f1_score
-
-    if label_kind == "classification":
-        pred = outputs.argmax(1) if outputs.ndim == 2 else outputs
-        return {"accuracy": float(accuracy_score(labels, pred)),
-                "macro_f1": float(f1_score(labels, pred, average="macro"))}
-    err = float(np.mean((outputs - labels) ** 2))
-    r = float(np.corrcoef(outputs, labels)[0, 1]) if len(labels) > 1 else float("nan")
-    return {"mse": err, "pearson": r}
 
 
 def evaluate(model: TaskModel, task: Task, split: Split | None = None) -> dict[str, float]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import shutil
 import time
@@ -39,8 +40,9 @@ import torch
 from tqdm.auto import tqdm
 
 from stepstone.esm.data import DataError, Split, Task
-from stepstone.esm.encoder import Encoder, load_encoder
+from stepstone.esm.encoder import Encoder
 from stepstone.esm.errors import ConfigError
+from stepstone.esm.leakage import overlap
 from stepstone.esm.registry import Registry, open_registry
 from stepstone.esm.sampling import uniform_indices
 from stepstone.esm.specs import load_task
@@ -54,14 +56,26 @@ from stepstone.finetune.forgetting import (
 )
 from stepstone.finetune.lr import layer_groups, resolve_distribution
 from stepstone.finetune.stabilize import StabilizerSettings
-from stepstone.finetune.train import PRIMARY_METRIC, FinetuneSettings, evaluate, finetune
+from stepstone.finetune.train import (
+    PRIMARY_METRIC,
+    FinetuneSettings,
+    evaluate,
+    finetune,
+    metrics_from_outputs,
+    predict,
+)
 from stepstone.finetune.transfer_report import TransferReport, read_json, write_json
 from stepstone.finetune.transfer_source import SourceChoice, choose_source
+from stepstone.finetune.transfer_stats import prediction_profile
 
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "transfer.json"
 SEARCH_SPEC = "search"
+
+
+class LeakageError(DataError):
+    """The source holds texts of the target (see :mod:`stepstone.esm.leakage`)."""
 
 
 @dataclass
@@ -161,11 +175,25 @@ def _sample(split: Split, n: int, seed: int) -> Split:
 
 
 def _validation_split(task: Task, ratio: float, seed: int) -> tuple[Split, Split]:
-    """Stratified (train, validation) from the task's training split."""
+    """Stratified (train, validation) from the task's training split; unstratified, with
+    a warning naming the smallest class, when a class is too small to stratify."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(task.train))
     strat = task.train.labels if task.label_kind == "classification" else None
+    if strat is not None:
+        classes, counts = np.unique(strat, return_counts=True)
+        n_val = int(np.ceil(ratio * len(idx)))
+        if counts.min() < 2 or not len(classes) <= n_val <= len(idx) - len(classes):
+            small = classes[counts.argmin()]
+            name = task.classes[small] if small < len(task.classes) else small
+            logger.warning(
+                "LR search: the validation split is not stratified: class %r has %d "
+                "training example(s) and a stratified split of %d into %.0f%% validation "
+                "needs >= 2 per class and >= %d on each side (one per class); change "
+                "--search-validation-ratio or --target-max-examples to stratify.",
+                name, counts.min(), len(idx), 100 * ratio, len(classes))
+            strat = None
     tr, va = train_test_split(idx, test_size=ratio, random_state=seed, stratify=strat)
     return task.train.take(np.sort(tr)), task.train.take(np.sort(va))
 
@@ -250,7 +278,9 @@ class TransferRun:
 
     def _source_measures(self, model: TaskModel) -> dict[str, Any]:
         task = self.source.task
-        return {"metrics": evaluate(model, task, task.test),
+        outputs = predict(model, task.test)
+        return {"metrics": metrics_from_outputs(outputs, task.test.labels, task.label_kind),
+                "predictions": prediction_profile(outputs, task.test.labels, task.label_kind),
                 "probe": linear_probe(model.encoder, self.probe_train, task.test,
                                       label_kind=task.label_kind)}
 
@@ -276,7 +306,12 @@ class TransferRun:
                               checkpoint_dir=self.checkpoint(seed, f"{_slug(spec)}-{name}"),
                               checkpoint_every=self.settings.checkpoint_every,
                               on_epoch_end=self._curve)
-            record = {"metrics": evaluate(model, self.target, self.target.test),
+            test = self.target.test
+            outputs = predict(model, test)  # evaluate(), keeping the outputs to profile
+            record = {"metrics": metrics_from_outputs(outputs, test.labels,
+                                                      self.target.label_kind),
+                      "predictions": prediction_profile(outputs, test.labels,
+                                                        self.target.label_kind),
                       "seconds": result.seconds, "losses": result.losses,
                       "epoch_metric": [m[self.metric] for m in result.epoch_metrics],
                       "model_steps": result.steps}
@@ -330,7 +365,52 @@ class TransferRun:
                         "baseline": base["seconds"]},
             "model_steps": {"target": tr.get("model_steps"),
                             "baseline": base.get("model_steps")},
+            # absent in stage files written before predictions were profiled
+            "predictions": {"source": source.get("predictions"),
+                            "transfer": tr.get("predictions"),
+                            "baseline": base.get("predictions")},
         }
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output folder that is a file or cannot be created or written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out must be a folder; {str(out)!r} is a file.")
+    folder = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not folder.is_dir():
+        raise ConfigError(f"--out {str(out)!r} cannot be created: {str(folder)!r} is a file.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {str(out)!r} cannot be written: no permission in "
+                          f"{str(folder)!r}.")
+
+
+# The caps that size what each summary measure is computed on: (option, setting).
+_CAPS = {"target": ("--max-eval", "max_eval"), "baseline": ("--max-eval", "max_eval"),
+         "source_before": ("--max-eval", "max_eval"), "source_after": ("--max-eval", "max_eval"),
+         "retention_ratio": ("--max-eval", "max_eval"),
+         "retention_delta": ("--max-eval", "max_eval"),
+         "probe_before": ("--probe-examples", "probe_examples"),
+         "probe_after": ("--probe-examples", "probe_examples")}
+
+
+def _check_finite(rows: list[dict[str, Any]], settings: TransferSettings, source_test: int,
+                  target_test: int) -> None:
+    """Refuse to report NaN: name the measure, why it is undefined and the cap to raise."""
+    for r in rows:
+        for key, (flag, name) in _CAPS.items():
+            if np.isfinite(r[key]):
+                continue
+            n = target_test if key in ("target", "baseline") else source_test
+            if key == "retention_ratio" and r["source_before"] == 0:
+                why = (f"the source model scored 0 on its {n} test examples, so after / "
+                       "before is undefined")
+            else:
+                why = (f"it is undefined on {n} test examples (a constant prediction or a "
+                       "test set of one class)")
+            raise DataError(
+                f"{key} is NaN for {r['distribution']} seed {r['seed']}: {why}. The test "
+                f"sets are capped by {flag} {getattr(settings, name)}; raise it and run "
+                "again with --overwrite, or into another --out.")
 
 
 def _check_run_config(out: Path, config: dict[str, Any], *, overwrite: bool) -> None:
@@ -363,6 +443,9 @@ def transfer(
     plots: bool = True,
     task_options: dict[str, Any] | None = None,
     stabilizer: StabilizerSettings | None = None,
+    source_options: dict[str, Any] | None = None,
+    allow_leakage: bool = False,
+    force: bool = False,
 ) -> TransferReport:
     """Run the whole transfer for ``target`` and write the report to ``out``.
 
@@ -370,7 +453,9 @@ def transfer(
     ----------
     target : ``builtin:ID``, a file, a Hub name or a Task.
     source : ``auto`` (best of ``rank(target, registry, method)``), an ESM id or task id
-        in the registry, or any task spec.
+        in the registry, or any task spec. ``auto`` follows the gain model's
+        recommendation and raises :class:`~stepstone.selection.gain.NoSourceRecommended`
+        when it expects no source to help, unless ``force`` (then: the top of the ranking).
     lr_distributions : one spec or several (compared side by side on the same source
         models): ``flat:LR``, ``llrd:LR,DECAY``, ``kenneweg[:BASE]``, a JSON file, or
         ``search`` (an optuna search, :func:`search_distribution`, whose best
@@ -381,18 +466,22 @@ def transfer(
         unless ``overwrite``.
     stabilizer : ``ensemble``, ``swa`` or ``deni`` (:mod:`stepstone.finetune.stabilize`) for both
         target stages (with and without the intermediate step); default none.
+    task_options, source_options : the target's and the source's own data options
+        (``text_column``, ``label_column``, ``test_file``, ...); an ESM's recorded source
+        data is reloaded as recorded, ``source_options`` overriding.
+    allow_leakage : run even when the source holds texts of the target (exact or
+        normalised matches, :mod:`stepstone.esm.leakage`); by default that is refused
+        with :class:`LeakageError`, since the gain would be inflated.
     """
     t0 = time.perf_counter()
     settings = settings or TransferSettings()
     out = Path(out)
+    _check_out(out)  # before ranking: a bad --out must not cost a ranking first
     reg = registry if isinstance(registry, Registry) else open_registry(registry)
     if encoder is None or isinstance(encoder, str):
-        known = reg.encoders()
-        name = encoder or (known[0].name if known else None)
-        match = next((k for k in known if k.name == name), None)
-        encoder = load_encoder(*([name] if name else []),
-                               pooling=match.pooling if match else None,
-                               max_length=match.max_length if match else None)
+        from stepstone.selection.ranking import registry_encoder
+
+        encoder = registry_encoder(reg, encoder)
     target_task = load_task(target, **(task_options or {})) if isinstance(target, str) \
         else target
     if isinstance(lr_distributions, str):
@@ -406,10 +495,23 @@ def transfer(
         raise ConfigError(f"LR distributions must be distinct; got {specs}.")
 
     choice = choose_source(target_task, source, reg, encoder=encoder, method=method,
-                           progress=progress, task_options=task_options)
-    if choice.task.task_id == target_task.task_id:
-        raise DataError(f"The source and the target are the same task "
-                        f"({target_task.task_id!r}); choose another source.")
+                           progress=progress, source_options=source_options, force=force)
+    if choice.task.data_hash() == target_task.data_hash():
+        raise DataError(f"The source {choice.task.task_id!r} and the target are the same task "
+                        f"(the same data, hash {target_task.data_hash()}); choose another "
+                        "source.")
+    shared = overlap(target_task, choice.task)
+    if shared:
+        what = (f"The source {choice.task.task_id!r} ({choice.task.origin or 'in memory'}) "
+                f"holds texts of the target {target_task.task_id!r}: {shared}")
+        if not allow_leakage:
+            raise LeakageError(
+                f"{what}: the source model would have seen target texts, so the measured "
+                "gain would be inflated. Choose another source (see the leakage warnings of "
+                "`stepstone rank`), remove the shared texts, or run anyway with "
+                "--allow-leakage (allow_leakage=True).")
+        logger.warning("%s; running anyway (allow_leakage): the gain is inflated.", what)
+    target_split, source_split = target_task.split_note, choice.task.split_note
     target_task = target_task.subsample(max_train=settings.target_max_examples,
                                         max_test=settings.max_eval, seed=settings.data_seed)
     choice.task = choice.task.subsample(max_train=settings.source_max_examples,
@@ -458,6 +560,7 @@ def transfer(
         if not settings.keep_checkpoints:
             shutil.rmtree(run.checkpoint(seed, "source-model"), ignore_errors=True)
     bar.close()
+    _check_finite(rows, settings, len(run.source.task.test), len(target_task.test))
     probe_base = read_json(out / "runs" / "probe_base.json")
     if probe_base is None:
         probe_base = linear_probe(encoder, run.probe_train, choice.task.test,
@@ -467,8 +570,11 @@ def transfer(
     report = TransferReport(
         target={"task_id": target_task.task_id, "origin": target_task.origin,
                 "num_train": len(target_task.train), "num_test": len(target_task.test),
-                "num_labels": target_task.num_labels, "label_kind": target_task.label_kind},
-        source=choice.to_dict(),
+                "num_labels": target_task.num_labels, "label_kind": target_task.label_kind,
+                "split": target_split, "classes": list(target_task.classes)},
+        source={**choice.to_dict(), "split": source_split,
+                "label_kind": choice.task.label_kind, "classes": list(choice.task.classes),
+                "leakage": shared.to_dict()},
         settings={"encoder": encoder.name, "encoder_identity": dataclasses.asdict(
             encoder.identity), "registry": str(reg.path), "method": method,
             "transfer": settings.to_dict(),

@@ -232,18 +232,6 @@ def solve(km: KernelMatrices, labels: np.ndarray, *, label_kind: str,
     return scores
 
 
-def kernel_metrics(pred: np.ndarray, labels: np.ndarray, label_kind: str) -> dict[str, float]:
-    """Accuracy and macro-F1 (classification) or MSE and Pearson r (regression)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    if label_kind == "classification":
-        p = pred.argmax(1)
-        return {"accuracy": float(accuracy_score(labels, p)),
-                "macro_f1": float(f1_score(labels, p, average="macro"))}
-    r = float(np.corrcoef(pred, labels)[0, 1]) if len(labels) > 1 else float("nan")
-    return {"mse": float(np.mean((pred - labels) ** 2)), "pearson": r}
-
-
 def few_shot(split: Split, shots: int, *, label_kind: str, seed: int = 0) -> Split:
     """``shots`` examples per class (all of a smaller class), seeded; regression: ``shots``."""
     if shots < 1:

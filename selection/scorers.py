@@ -38,10 +38,10 @@ from stepstone.esm.errors import ConfigError, StepstoneError
 from stepstone.esm.model import AFFINE_ARCHITECTURES, EmbeddingSpaceMap
 from stepstone.esm.registry import Registry, RegistryEntry
 from stepstone.esm.sampling import uniform_indices
-from stepstone.esm.taskmodel import TaskModel
+from stepstone.esm.taskmodel import TaskModel, metrics_from_outputs
 from stepstone.selection.entk import KernelError, compute_kernel
 from stepstone.selection.entk_formulations import ClassifierFormulation
-from stepstone.selection.entk_solvers import KernelSettings, few_shot, kernel_metrics, solve
+from stepstone.selection.entk_solvers import KernelSettings, few_shot, solve
 from stepstone.selection.logme import TargetBasis, logme_score
 from stepstone.selection.logme_maps import logme_linear_maps
 from stepstone.selection.target import Target
@@ -82,6 +82,8 @@ class Scorer:
     options: ClassVar[tuple[str, ...]] = ("prefilter",)
     # The target label kinds it can score.
     label_kinds: ClassVar[tuple[str, ...]] = ("classification", "regression")
+    # Whether it scores with the fine-tuned source models a build kept (--keep-models).
+    needs_kept_model: ClassVar[bool] = False
 
     def score(self, target: Target, registry: Registry, entries: list[RegistryEntry], *,
               progress: bool = False) -> Scores:
@@ -289,6 +291,7 @@ class SourceLogME(Scorer):
 
     name = "source-logme"
     options = ("batch_size", "prefilter")
+    needs_kept_model = True
 
     def __init__(self, *, batch_size: int = 64) -> None:
         if batch_size < 1:
@@ -296,8 +299,8 @@ class SourceLogME(Scorer):
         self.batch_size = batch_size
 
     def score(self, target, registry, entries, *, progress=False) -> Scores:
-        def one(enc) -> float:
-            feats = enc.embed(target.texts, batch_size=self.batch_size, progress=False)
+        def one(enc) -> float:  # the inner bar advances per batch of target texts
+            feats = enc.embed(target.texts, batch_size=self.batch_size, progress=progress)
             return logme_score(feats, target.labels, label_kind=target.label_kind)
 
         return score_kept_models(target, registry, entries, one, desc="source models",
@@ -339,6 +342,7 @@ class KernelScorer(Scorer):
     """
 
     name = "kernel"
+    needs_kept_model = True
     options = ("shots", "eval_examples", "seed", "kernel", "params", "include_head", "solver",
                "ridge", "prefilter")
 
@@ -380,9 +384,9 @@ class KernelScorer(Scorer):
             torch.manual_seed(self.seed)
             model = TaskModel(enc, num_labels)
             km = compute_kernel(ClassifierFormulation(model), train.inputs(), held.inputs(),
-                                **s.kernel_options(), progress=False)
+                                **s.kernel_options(), progress=progress)  # per example
             pred = solve(km, train.labels, label_kind=target.label_kind, settings=s)
-            metrics = kernel_metrics(pred, held.labels, target.label_kind)
+            metrics = metrics_from_outputs(pred, held.labels, target.label_kind)
             return metrics["accuracy"] if "accuracy" in metrics else -metrics["mse"]
 
         return score_kept_models(target, registry, entries, one, desc="eNTK per source",

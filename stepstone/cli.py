@@ -2,7 +2,8 @@
 
     stepstone tasks
     stepstone registry build --registry DIR --sources builtin:all
-    stepstone registry list|show ID|verify|repair|remove ID|import-hfselect PATH...
+    stepstone registry list|show ID|verify|repair|remove ID|import-hfselect PATH_OR_REPO...
+    stepstone registry export-hfselect ID... --out DIR [--push REPO]
     stepstone transfer builtin:ID --source auto --lr-distribution flat:2e-5 kenneweg
 """
 
@@ -87,6 +88,10 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         _print_json(json.loads(table.to_json(orient="records")))
         return 0
     _print_table(table.drop(columns=["description", "license", "install"]))
+    outside = table.loc[~table["pool"], "id"].tolist()
+    if outside:
+        print(f"\n`all` means the {int(table['pool'].sum())} tasks of the benchmark pool; "
+              f"outside it (loadable by id): {', '.join(outside)}.")
     missing = table.loc[~table["available"], ["package", "install"]].drop_duplicates()
     if len(missing):
         print("\nMissing (package not installed); add with:")
@@ -115,6 +120,15 @@ def cmd_registry_build(args: argparse.Namespace) -> int:
         finetune=config_from_args(FinetuneSettings, args, prefix="ft_"),
         esm_fit=config_from_args(ESMFitSettings, args, prefix="esm_"))
     executor = config_from_args(ExecutorSettings, args)
+    one_source = [flag for flag, value in (("--name", args.name), ("--test-file",
+                                                                   args.test_file))
+                  if value]
+    if one_source:
+        from stepstone.esm.specs import expand_specs
+
+        if len(expand_specs(args.sources)) != 1:
+            raise ConfigError(f"{one_source[0]} applies to one source; got --sources "
+                              f"{' '.join(args.sources)} (build them one at a time).")
     encoder = _encoder_from_args(args)
     cache = None if args.no_cache else EmbeddingCache(args.cache_dir)
     try:
@@ -124,11 +138,45 @@ def cmd_registry_build(args: argparse.Namespace) -> int:
     except ExecutorUnavailableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    _refresh_indexes(args.registry, report.added)
+    added = _added_esms(args.registry, report.added)
     if args.json:
-        _print_json(report.to_dict())
+        _print_json({**report.to_dict(), "added_esms": added})
     else:
         print(report)
+        for esm in added:
+            test = ", ".join(f"{k} {v:.3f}" for k, v in esm["source_test"].items())
+            print(f"  new ESM {esm['id']} (task {esm['task_id']}): source model on its "
+                  f"test split: {test or 'not measured'}")
     return 1 if report.failed else 0
+
+
+def _refresh_indexes(registry: str | None, changed: Sequence[str]) -> None:
+    """Update the registry's FAISS indexes incrementally after a change (only the new
+    ESMs are read), so the next ranking does not pay for it."""
+    if not changed or registry is None:
+        return
+    from stepstone.esm.registry import Registry
+    from stepstone.selection.index import update_indexes
+
+    with Registry(registry, "w") as reg:
+        update_indexes(reg)
+
+
+def _added_esms(registry: str, ids: Sequence[str]) -> list[dict[str, Any]]:
+    """Id, task and the fine-tuned source model's test metrics of each new ESM."""
+    from stepstone.esm.registry import open_registry
+
+    if not ids:
+        return []
+    reg = open_registry(registry)
+    out = []
+    for esm_id in ids:
+        metrics = reg.config(esm_id).metrics
+        out.append({"id": esm_id, "task_id": reg.get(esm_id).task_id,
+                    "source_test": {k.removeprefix("source_test_"): v for k, v in
+                                    metrics.items() if k.startswith("source_test_")}})
+    return out
 
 
 def _task_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,6 +194,23 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["conflicts"] = args.on_conflict
     if getattr(args, "encoding", None):
         opts["encoding"] = args.encoding
+    for flag, key in (("test_file", "test_file"), ("test_split", "test_split"),
+                      ("name", "task_id")):
+        if getattr(args, flag, None):
+            opts[key] = getattr(args, flag)
+    return opts
+
+
+def _source_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The source's own data options (``--source-text-column`` ...), never the target's."""
+    opts: dict[str, Any] = {}
+    if args.source_text_column:
+        cols = args.source_text_column
+        opts["text_column"] = cols[0] if len(cols) == 1 else cols
+    for flag, key in (("source_label_column", "label_column"),
+                      ("source_test_file", "test_file")):
+        if getattr(args, flag):
+            opts[key] = getattr(args, flag)
     return opts
 
 
@@ -161,12 +226,17 @@ def _open(args: argparse.Namespace, *, write: bool = False):
 def cmd_registry_list(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from stepstone.esm.filters import filter_entries
+
     reg = _open(args)
-    rows = [e.to_dict() for e in reg.entries()]
+    narrowed = filter_entries(reg, reg.entries(), _filters_from_args(args))
+    rows = [e.to_dict() for e in narrowed.kept]
     if args.json:
-        _print_json({"registry": str(reg.path), "esms": rows})
+        _print_json({"registry": str(reg.path), "esms": rows,
+                     "filtered_out": narrowed.filtered})
         return 0
-    print(f"registry {reg.path}: {len(rows)} ESMs")
+    print(f"registry {reg.path}: {len(rows)} ESMs"
+          + (f" ({narrowed.summary()})" if narrowed.filtered else ""))
     if rows:
         cols = ["id", "task_id", "base_model", "architecture", "in_dim", "num_examples",
                 "label_kind", "num_classes", "size_bytes", "has_model"]
@@ -176,8 +246,8 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
 
 def cmd_registry_show(args: argparse.Namespace) -> int:
     reg = _open(args)
-    entry = reg.get(args.id)
-    data = {"entry": entry.to_dict(), "config": reg.config(args.id).to_dict()}
+    entry = reg.resolve(args.id)  # an ESM id, or a task id with one ESM
+    data = {"entry": entry.to_dict(), "config": reg.config(entry.id).to_dict()}
     if args.json:
         _print_json(data)
     else:
@@ -188,8 +258,11 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 def cmd_registry_verify(args: argparse.Namespace) -> int:
     if args.repair:
         return cmd_registry_repair(args)
+    from stepstone.selection.index import check_indexes
+
     reg = _open(args)
     report = reg.verify()
+    report.problems += check_indexes(reg)  # a current FAISS index must match the manifest
     if args.json:
         _print_json({"ok": report.ok, "checked": report.checked, "problems": report.problems,
                      "notes": report.notes})
@@ -215,6 +288,10 @@ def cmd_registry_remove(args: argparse.Namespace) -> int:
     reg = _open(args, write=True)
     for esm_id in args.ids:
         reg.remove(esm_id)
+    if args.ids:
+        from stepstone.selection.index import update_indexes
+
+        update_indexes(reg)
     if args.json:
         _print_json({"removed": args.ids})
     else:
@@ -222,29 +299,126 @@ def cmd_registry_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_encoder(args: argparse.Namespace):
+    """The encoder ``import-hfselect --encoder`` names (loaded once), or None."""
+    if getattr(args, "encoder", None) is None:
+        return None
+    if getattr(args, "_loaded_encoder", None) is None:
+        from stepstone.esm.encoder import DEFAULT_MAX_LENGTH, load_encoder
+
+        # only its weights fingerprint and model type are read: the pooling recorded is
+        # the peer's for the ESM's base model (stepstone.esm.hfselect.peer_pooling)
+        args._loaded_encoder = load_encoder(args.encoder, pooling="mean",
+                                            max_length=DEFAULT_MAX_LENGTH)
+    return args._loaded_encoder
+
+
 def cmd_registry_import(args: argparse.Namespace) -> int:
     from stepstone.esm.hfselect import import_hfselect
+    from stepstone.esm.hub import find_hub_esms, import_from_hub, is_hub_repo_id
 
+    if args.from_hub and not args.base_model:
+        raise ConfigError("--from-hub discovers the ESMs of one base model; give it with "
+                          "--base-model NAME (a Hub id, e.g. sentence-transformers/"
+                          "all-MiniLM-L6-v2).")
+    if not args.from_hub and not args.paths:
+        raise ConfigError("Give ESM folders or Hub repo ids, or --from-hub --base-model NAME.")
+    repos = [p for p in args.paths if is_hub_repo_id(p)]
+    if args.from_hub:
+        found = find_hub_esms(args.base_model, cache_dir=args.hub_cache)
+        if not found and not args.json:
+            print(f"no ESMs for base model {args.base_model!r} found on the Hub (offline: in "
+                  "the local Hub cache)")
+        repos += found
     args.create = True
     reg = _open(args, write=True)
     added, skipped, failed = [], [], {}
+    unmatched: dict[str, str] = {}  # ESM id -> an encoder name that matches no installed one
+    if repos:
+        report = import_from_hub(reg, repos, base_model=args.base_model,
+                                 encoder=_import_encoder(args), cache_dir=args.hub_cache,
+                                 workers=args.workers, progress=not args.quiet and not args.json)
+        added += list(report.added.values())
+        unmatched.update({i: reg.get(i).base_model for i in report.added.values()
+                          if not reg.get(i).fingerprint})
+        skipped += report.skipped
+        failed.update(report.failed)
+        if report.offline and not args.json:
+            print("offline (HF_HUB_OFFLINE=1): repos read from the local Hub cache only")
     for path in args.paths:  # a bad folder is reported; the others still import
+        if path in repos:
+            continue
         try:
-            entry = import_hfselect(reg, path)
+            entry = import_hfselect(reg, path, encoder=_import_encoder(args))
         except StepstoneError as err:
             failed[path] = str(err)
             continue
         (skipped.append(path) if entry is None else added.append(entry.id))
+        if entry is not None and not entry.fingerprint:
+            unmatched[entry.id] = entry.base_model
+    if added:
+        from stepstone.selection.index import update_indexes
+
+        update_indexes(reg)
     if args.json:
-        _print_json({"added": added, "skipped": skipped, "failed": failed})
+        _print_json({"added": added, "skipped": skipped, "failed": failed,
+                     "unmatched_encoder": unmatched})
     else:
         print(f"imported {len(added)}, skipped {len(skipped)} (already present), "
               f"failed {len(failed)}")
         for esm_id in added:
             print(f"  {esm_id}")
+        for esm_id, name in unmatched.items():
+            print(f"  warning: {esm_id} records encoder {name!r}, which matches no installed "
+                  "encoder; `rank` lists it as skipped. Re-import it with --encoder NAME|DIR "
+                  "naming the encoder it was trained on.")
         for path, msg in failed.items():
             print(f"  failed {path}: {msg}")
     return 1 if failed else 0
+
+
+def cmd_registry_export(args: argparse.Namespace) -> int:
+    from stepstone.esm.hfselect_export import export_hfselect
+    from stepstone.esm.hub import push_hfselect
+
+    if args.push and len(args.ids) != 1:
+        raise ConfigError(f"--push uploads one ESM to one repo; got {len(args.ids)} ids.")
+    reg = _open(args)
+    out = Path(args.out)
+    folders = {}
+    for esm_id in args.ids:  # all are checked before any is written
+        reg.get(esm_id)
+    for esm_id in args.ids:
+        folders[esm_id] = export_hfselect(reg, esm_id, out / esm_id, base_model=args.base_model,
+                                          license=args.license)
+    pushed = push_hfselect(folders[args.ids[0]], args.push) if args.push else None
+    if args.json:
+        _print_json({"exported": {k: str(v) for k, v in folders.items()}, "pushed": pushed})
+    else:
+        for esm_id, folder in folders.items():
+            print(f"exported {esm_id} -> {folder}")
+        if pushed:
+            print(f"pushed to {args.push}: {pushed}")
+    return 0
+
+
+def _add_filter_args(p: argparse.ArgumentParser) -> None:
+    from stepstone.esm.filters import CandidateFilter
+
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(CandidateFilter)}
+    p.add_argument("--where", action="append", default=None, metavar="COND",
+                   help=helps["where"] + " Repeatable; see `stepstone.esm.filters`.")
+    p.add_argument("--include", nargs="+", action="extend", default=None, metavar="GLOB",
+                   help=helps["include"])
+    p.add_argument("--exclude", nargs="+", action="extend", default=None, metavar="GLOB",
+                   help=helps["exclude"])
+
+
+def _filters_from_args(args: argparse.Namespace):
+    from stepstone.esm.filters import CandidateFilter
+
+    return CandidateFilter(where=tuple(args.where or ()), include=tuple(args.include or ()),
+                           exclude=tuple(args.exclude or ()))
 
 
 def _check_side_file(flag: str, path: str | None) -> None:
@@ -268,26 +442,68 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
     _check_side_file("--csv", args.csv)
     _check_side_file("--plot", args.plot)
+    filters = _filters_from_args(args)
     ranking = rank(
         args.target, args.registry, args.method,
         encoder=args.encoder, pooling=args.pooling, max_length=args.max_length, top=args.top,
-        prefilter=args.prefilter, approx_rank=args.approx_rank, layer=args.layer,
+        prefilter=args.prefilter, layer=args.layer,
         max_examples=args.max_examples, cache=not args.no_cache,
         exclude_target=not args.include_target, progress=not args.quiet and not args.json,
-        task_options=_task_options(args))
+        task_options=_task_options(args), check_leakage=not args.no_leakage_check,
+        filters=filters, gain=False if args.no_gain else (args.gain_model or True),
+        min_gain=args.min_gain)
+    rec = ranking.recommendation
     if args.json:
         _print_json(ranking.to_dict())
     else:
-        print(ranking)
+        # the recommendation is the output's last line, after the run's numbers
+        text = str(ranking)
+        print(text.removesuffix("\n" + str(rec)) if rec is not None else text)
         t, st = ranking.timings, ranking.settings
         print(f"\n{st['candidates']} candidates, {st['target_examples']} target examples; "
               f"embed {t['embed']:.2f}s, score {t['score']:.2f}s, "
               f"total {t['total']:.2f}s")
+        if st.get("filtered_out"):
+            print(f"{sum(st['filtered_out'].values())} candidate(s) filtered out: "
+                  + "; ".join(f"{n} {rule.removeprefix('filtered out: ')}"
+                              for rule, n in st["filtered_out"].items()))
+        if rec is not None:
+            print(rec)
     # Side files after the ranking is shown: a failed write never hides it.
     if args.csv:
         ranking.to_csv(args.csv)
     if args.plot:
         ranking.plot(args.plot)
+    return 0
+
+
+def cmd_gain_fit(args: argparse.Namespace) -> int:
+    from stepstone.selection.gain import DEFAULT_ALPHA, DEFAULT_LEVEL
+    from stepstone.selection.gain_fit import fit_from_matrix
+
+    _check_side_file("--out", args.out)
+    model, _ = fit_from_matrix(
+        args.matrix, args.registry, scores=args.scores, protocol_key=args.protocol,
+        metric=args.metric, alpha=DEFAULT_ALPHA if args.alpha is None else args.alpha,
+        level=DEFAULT_LEVEL if args.level is None else args.level,
+        progress=not args.quiet and not args.json)
+    path = model.save(args.out)
+    if args.json:
+        _print_json(model.to_dict())
+    else:
+        print(model)
+        print(f"\nwritten to {path}")
+    return 0
+
+
+def cmd_gain_show(args: argparse.Namespace) -> int:
+    from stepstone.selection.gain import load_gain_model
+
+    model = load_gain_model(args.path)
+    if args.json:
+        _print_json(model.to_dict())
+    else:
+        print(model)
     return 0
 
 
@@ -300,11 +516,23 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                                 finetune=config_from_args(FinetuneSettings, args, prefix="ft_"))
     search = config_from_args(LRSearchSettings, args, prefix="search_")
     stabilizer = config_from_args(StabilizerSettings, args, prefix="stab_", kind=args.stabilizer)
-    report = transfer(
-        args.target, args.source, registry=args.registry, encoder=args.encoder,
-        lr_distributions=args.lr_distribution, settings=settings, search=search, out=args.out,
-        method=args.method, overwrite=args.overwrite, progress=not args.quiet and not args.json,
-        plots=not args.no_plots, task_options=_task_options(args), stabilizer=stabilizer)
+    from stepstone.selection.gain import NoSourceRecommended
+
+    try:
+        report = transfer(
+            args.target, args.source, registry=args.registry, encoder=args.encoder,
+            lr_distributions=args.lr_distribution, settings=settings, search=search,
+            out=args.out, method=args.method, overwrite=args.overwrite,
+            progress=not args.quiet and not args.json, plots=not args.no_plots,
+            task_options=_task_options(args), stabilizer=stabilizer,
+            source_options=_source_options(args), allow_leakage=args.allow_leakage,
+            force=args.force)
+    except NoSourceRecommended as err:  # a verdict, not a failure: nothing was trained
+        if args.json:
+            _print_json({"declined": True, "reason": str(err)})
+        else:
+            print(f"declined: {err}")
+        return 3
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -382,6 +610,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoding", default=None,
                    help="Text encoding of a local CSV/TSV/JSON/JSONL file, e.g. latin-1 "
                         "(default: utf-8).")
+    p.add_argument("--test-file", default=None,
+                   help="The test data of a local file dataset (same columns). Default: a "
+                        "stratified 20%% of the rows is held out (seed 0).")
+    p.add_argument("--test-split", default=None,
+                   help="The test split of a Hub dataset (default: 'test', else "
+                        "'validation', else 20%% of 'train' held out).")
+    p.add_argument("--name", default=None,
+                   help="Task name (default: the file's stem, or its folder's name when the "
+                        "stem is a split name such as train or test).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stepstone",
         description="Choose the intermediate task to fine-tune on first, and carry it through.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="More logging.")
+    from stepstone.esm import __version__
+
+    parser.add_argument("--version", action="version", version=f"stepstone {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tasks", help="List the built-in task catalog.")
@@ -410,9 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Scoring method ('kernel': eNTK accuracy per kept source model; slow).")
     p.add_argument("--top", type=int, default=None, help="Show the best K sources only.")
     p.add_argument("--prefilter", type=int, default=None,
-                   help="Rerank only the K nearest sources in the FAISS task index.")
-    p.add_argument("--approx-rank", type=int, default=None,
-                   help="ESM-LogME approximation: keep the target's top-r directions.")
+                   help="Score only the K candidates the FAISS ESM sketch index (a "
+                        "first-order model of ESM-LogME) ranks highest.")
     p.add_argument("--layer", type=_layer_arg, default=None,
                    help="Early exit: embed with the first K encoder layers, or 'auto'.")
     p.add_argument("--max-examples", type=int, default=DEFAULT_MAX_TARGET, dest="max_examples",
@@ -423,8 +662,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Pooling (default: the registry's).")
     p.add_argument("--max-length", type=int, default=None,
                    help="Token limit (default: the registry's).")
+    _add_filter_args(p)
     p.add_argument("--include-target", action="store_true",
-                   help="Keep the target's own task among the candidates.")
+                   help="Keep ESMs built from the target's own data (same data hash) among "
+                        "the candidates.")
+    p.add_argument("--no-leakage-check", action="store_true",
+                   help="Skip counting the target texts each source holds (exact and "
+                        "normalised matches).")
+    p.add_argument("--gain-model", default=None,
+                   help="Gain model JSON for the predicted gains and the recommendation "
+                        "(default: the shipped one; `stepstone gain fit` makes one).")
+    p.add_argument("--no-gain", action="store_true",
+                   help="Rank only: no predicted gains, no recommendation.")
+    p.add_argument("--min-gain", type=float, default=0.0,
+                   help="Recommend a source only when its predicted gain exceeds this many "
+                        "points (default 0).")
     _add_data_args(p)
     p.add_argument("--json", action="store_true", help="Machine-readable output.")
     p.add_argument("--csv", default=None, help="Also write the table to this CSV file.")
@@ -440,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
         "transfer", help="Fine-tune on a source, then on the target; measure gain and forgetting.")
     p.add_argument("target", help="builtin:ID, a local file, or a Hub dataset name.")
     p.add_argument("--source", default="auto",
-                   help="'auto' (top of rank), an ESM or task id in the registry, or a task "
+                   help="'auto' (the gain model's recommendation; the top of rank when no "
+                        "gain model applies), an ESM or task id in the registry, or a task "
                         "spec (default: auto).")
     p.add_argument("--registry", default=None, help="Registry folder (default: shipped).")
     p.add_argument("--method", choices=available_methods(), default="esm-logme",
@@ -463,6 +716,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "deni (Pecher et al. 2024); options as --stab-* (default: none).")
     add_config_args(p, StabilizerSettings, prefix="stab_", skip=("kind",))
     _add_data_args(p)
+    p.add_argument("--source-text-column", nargs="+", default=None,
+                   help="Text column of a source given as a file or Hub name (two for "
+                        "sentence pairs); a registry ESM reloads its data with the columns "
+                        "recorded at build (default: text).")
+    p.add_argument("--source-label-column", default=None,
+                   help="Label column of the source's data (default: label, or as "
+                        "recorded).")
+    p.add_argument("--source-test-file", default=None,
+                   help="The source's own test data file (default: as recorded, or 20%% "
+                        "of its rows held out).")
+    p.add_argument("--force", action="store_true",
+                   help="With --source auto: take the top of the ranking even when the gain "
+                        "model expects no source to help (default: decline, exit code 3).")
+    p.add_argument("--allow-leakage", action="store_true",
+                   help="Run even when the source holds texts of the target (the gain is "
+                        "then inflated); refused by default.")
     p.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
     p.add_argument("--json", action="store_true", help="Print the report as JSON.")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
@@ -496,6 +765,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=cmd_kernel)
 
+    gain = sub.add_parser("gain", help="Fit and inspect the gain model behind the "
+                                       "recommendation.")
+    gsub = gain.add_subparsers(dest="gain_command", required=True)
+    p = gsub.add_parser("fit", help="Fit a gain model on a transfer matrix (JSONL).")
+    p.add_argument("--matrix", required=True,
+                   help="Transfer-matrix results (benchmarks/transfer_matrix.py's JSONL).")
+    p.add_argument("--registry", default=None,
+                   help="Registry holding the matrix's source ESMs (default: shipped).")
+    p.add_argument("--out", required=True, help="Where to write the model JSON.")
+    p.add_argument("--scores", default=None,
+                   help="Per-target scores JSON: read when it matches the matrix, else "
+                        "computed and written there (refits then take seconds).")
+    p.add_argument("--protocol", default=None, help="Protocol key, if the file has several.")
+    p.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1"])
+    p.add_argument("--alpha", type=float, default=None, help="Ridge penalty (default 1).")
+    p.add_argument("--level", type=float, default=None,
+                   help="Nominal interval coverage (default 0.8).")
+    p.add_argument("--json", action="store_true", help="Print the model as JSON.")
+    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    p.set_defaults(func=cmd_gain_fit)
+    p = gsub.add_parser("show", help="Show a gain model (default: the shipped one).")
+    p.add_argument("path", nargs="?", default=None)
+    p.add_argument("--json", action="store_true", help="Print the model as JSON.")
+    p.set_defaults(func=cmd_gain_show)
+
     reg = sub.add_parser("registry", help="Build and inspect ESM registries.")
     rsub = reg.add_subparsers(dest="registry_command", required=True)
 
@@ -525,10 +819,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = rsub.add_parser("list", help="List the ESMs.")
     common(p)
+    _add_filter_args(p)
     p.set_defaults(func=cmd_registry_list)
     p = rsub.add_parser("show", help="Show one ESM's row and config.")
     common(p)
-    p.add_argument("id")
+    p.add_argument("id", help="An ESM id, or a task id that has one ESM in the registry.")
     p.set_defaults(func=cmd_registry_show)
     p = rsub.add_parser("verify", help="Check ids, checksums, weights and that rows and files "
                                        "agree; changes nothing (unless --repair).")
@@ -545,10 +840,42 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, default_ok=False)
     p.add_argument("ids", nargs="+")
     p.set_defaults(func=cmd_registry_remove)
-    p = rsub.add_parser("import-hfselect", help="Import hf-dataset-selector ESM folders.")
+    p = rsub.add_parser(
+        "import-hfselect", help="Import hf-dataset-selector ESMs: folders, Hub repo ids "
+                                "(owner/name), or every ESM of a base model on the Hub. "
+                                "Offline (HF_HUB_OFFLINE=1) repos come from the local Hub "
+                                "cache only.")
     common(p, default_ok=False)
-    p.add_argument("paths", nargs="+")
+    p.add_argument("paths", nargs="*", help="ESM folders or Hub repo ids.")
+    p.add_argument("--from-hub", action="store_true",
+                   help="Discover the ESMs of --base-model by their Hub tags "
+                        "(embedding_space_map, base_model:NAME), as hf-dataset-selector does; "
+                        "offline, the ESM repos of that base model in the local Hub cache.")
+    p.add_argument("--base-model", default=None,
+                   help="Base model Hub id; imported repos must name it in their config.")
+    p.add_argument("--hub-cache", default=None,
+                   help="Hub cache folder (default: huggingface_hub's, HF_HUB_CACHE).")
+    p.add_argument("--workers", type=int, default=8, help="Parallel downloads (default 8).")
+    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    p.add_argument("--encoder", default=None,
+                   help="The encoder the ESM folders were trained on (package, folder, or a "
+                        "known Hub id such as sentence-transformers/all-MiniLM-L6-v2); its "
+                        "weights fingerprint is recorded. Default: the recorded Hub id, when "
+                        "it names an installed encoder.")
     p.set_defaults(func=cmd_registry_import)
+    p = rsub.add_parser(
+        "export-hfselect", help="Write ESMs as hf-dataset-selector folders (config.json, "
+                                "model.safetensors, a model card with its tags).")
+    common(p)
+    p.add_argument("ids", nargs="+", help="ESM ids.")
+    p.add_argument("--out", required=True, help="Folder; each ESM goes to OUT/<id>/.")
+    p.add_argument("--base-model", default=None,
+                   help="Hub id to record as the base model (default: the Hub id known for "
+                        "the ESM's encoder, e.g. sentence-transformers/all-MiniLM-L6-v2).")
+    p.add_argument("--license", default=None, help="License for the model card (default: none).")
+    p.add_argument("--push", default=None, metavar="REPO",
+                   help="Also upload the (one) exported folder to this Hub repo.")
+    p.set_defaults(func=cmd_registry_export)
     return parser
 
 

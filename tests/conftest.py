@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import string
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,21 @@ def small_task():
 
     texts, labels = make_texts(40)
     return make_task("toy_sentiment", texts, labels, seed=0)
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (benchmarks are scripts, not a package), loaded once
+    and registered in sys.modules (dataclasses look their module up while it executes)."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -6,34 +6,19 @@ paths. The full ground-truth run is not part of the test suite.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import WORDS, make_texts
+from tests.conftest import WORDS, load_benchmark, make_texts
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tm = _load("transfer_matrix")
-sq = _load("selection_quality")
-kt = _load("kernel_transfer")
+tm = load_benchmark("transfer_matrix")
+sq = load_benchmark("selection_quality")
+kt = load_benchmark("kernel_transfer")
 
 
 # -- tiny-model smoke run ----------------------------------------------------------------------

@@ -85,12 +85,9 @@ def test_writing_commands_need_an_explicit_registry(capsys):
 
 # -- options refused before any work (the checks live in rank(), which the CLI calls) --------
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--method", "knn", "--approx-rank", "5"],
-     "method 'knn' does not take 'approx_rank'; it takes: k, prefilter, layer."),
     (["--method", "vocab", "--layer", "1"], "method 'vocab' does not take 'layer'"),
     (["--top", "0"], "'top' must be an int >= 1 or None; got 0."),
     (["--top", "-3"], "'top' must be an int >= 1 or None; got -3."),
-    (["--approx-rank", "0"], "'approx_rank' must be a positive int or None; got 0."),
     (["--max-examples", "1"], "'max_examples' must be an int >= 2 or None; got 1."),
     (["--prefilter", "0"], "'prefilter' must be an int >= 1 or None; got 0."),
 ])

@@ -6,7 +6,6 @@ likewise."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,15 +54,10 @@ def test_readme_ranking_unchanged():
 
 @pytest.mark.slow
 def test_transfer_matrix_protocol_key_unchanged():
-    import importlib.util
-
     from stepstone.esm.encoder import load_encoder
+    from tests.conftest import load_benchmark
 
-    path = Path(__file__).parents[1] / "benchmarks" / "transfer_matrix.py"
-    spec = importlib.util.spec_from_file_location("transfer_matrix_golden", path)
-    tm = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = tm  # dataclasses look their module up while it executes
-    spec.loader.exec_module(tm)
+    tm = load_benchmark("transfer_matrix")
     record = tm.Protocol().record(load_encoder())
     assert tm.Protocol.key_of(record) == GOLDEN["protocol_key"]
 

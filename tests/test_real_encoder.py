@@ -126,8 +126,11 @@ def test_transfer_end_to_end_with_the_real_encoder(tmp_path, capsys):
                "--lr-distribution", "kenneweg", "--quiet"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["source"]["selected_by"] == "auto"
-    assert report["source"]["task_id"] == report["source"]["ranking"][0]["task_id"]
+    # auto follows the shipped gain model's recommendation (a source, for this target)
+    assert report["source"]["selected_by"] == "auto (gain model)"
+    rec = report["source"]["recommendation"]
+    assert rec["kind"] == "source" and report["source"]["esm_id"] == rec["esm_id"]
+    assert report["source"]["task_id"] in {r["task_id"] for r in report["source"]["ranking"]}
     assert report["source"]["task_id"] != "movie_polarity"
     run = report["runs"][0]
     assert 0 <= run["target"] <= 1 and 0 <= run["source_after"] <= 1

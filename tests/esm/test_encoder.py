@@ -77,13 +77,16 @@ def test_identity_mismatch_names_fields(tiny_model_dir):
 
 def test_one_compatibility_rule(tiny_model_dir):
     # fingerprints on both sides: everything that shapes an embedding must agree; an
-    # identity without one (hf-dataset-selector's ESMs) is matched by name and dim
+    # identity without one (hf-dataset-selector's ESMs) is matched by name in its place,
+    # and its pooling (the peer's depends on the model), max length, layer and dim
     a = load_encoder(str(tiny_model_dir)).identity
     assert a.matches(a) and not a.mismatches(a)
     assert a.mismatches(dataclasses.replace(a, layer=1)) == ["layer"]
     assert a.matches(dataclasses.replace(a, name="renamed"))  # same weights, other name
-    bare = dataclasses.replace(a, fingerprint="", pooling="cls", max_length=7)
+    bare = dataclasses.replace(a, fingerprint="")
     assert a.matches(bare) and bare.matches(a)
+    assert a.mismatches(dataclasses.replace(bare, pooling="cls", max_length=7)) == [
+        "pooling", "max_length"]
     assert a.mismatches(dataclasses.replace(bare, name="other", dim=a.dim + 1)) == ["name",
                                                                                     "dim"]
     with pytest.raises(EncoderMismatchError, match="name: ESM has 'other'"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stepstone.esm.catalog import builtin_ids, is_available
+from stepstone.esm.catalog import builtin_ids, is_available, pool_ids
 from stepstone.esm.data import DataError
 from stepstone.esm.specs import expand_specs, load_task
 
@@ -17,7 +17,8 @@ def test_expand_specs_forms(small_task):
     assert expand_specs(small_task) == [small_task]
     everything = expand_specs("all")
     assert everything == expand_specs("builtin:all") == [
-        f"builtin:{i}" for i in builtin_ids() if is_available(i)]
+        f"builtin:{i}" for i in pool_ids() if is_available(i)]
+    assert set(pool_ids()) < set(builtin_ids())  # `all` is the benchmark pool
 
 
 def test_load_task_resolves_each_kind(tmp_path, small_task):
