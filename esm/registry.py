@@ -439,16 +439,23 @@ class Registry:
                 f"changed. To rebuild it from the ESM folders, move it aside and run "
                 f"{_REPAIR_HINT.format(path=self.path)}.") from None
 
-    def _connect_readonly(self) -> sqlite3.Connection:
+    def _require_manifest(self, *, create: bool = False) -> Path:
+        """The manifest's path; refuses a missing or empty one (a writer may ``create``
+        it where no ESM folders are present: folders without a manifest need repair)."""
         db = self.path / DB_NAME
         state = self._manifest_state()
         if state != "present":
             if _present_entries(self.path):
                 raise _manifest_missing_error(
                     self.path, f"{db} is {'empty (0 bytes)' if state == 'empty' else 'missing'}")
-            raise RegistryError(
-                f"No registry at {str(self.path)!r} (expected a non-empty {DB_NAME} there). "
-                "Build one with `stepstone registry build --registry DIR ...`.")
+            if not create:
+                raise RegistryError(
+                    f"No registry at {str(self.path)!r} (expected a non-empty {DB_NAME} "
+                    "there). Build one with `stepstone registry build --registry DIR ...`.")
+        return db
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        db = self._require_manifest()
         try:
             conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=60)
         except sqlite3.DatabaseError as err:
@@ -463,16 +470,7 @@ class Registry:
         return conn
 
     def _connect_writable(self, create: bool) -> sqlite3.Connection:
-        db = self.path / DB_NAME
-        state = self._manifest_state()
-        if state != "present":
-            if _present_entries(self.path):
-                raise _manifest_missing_error(
-                    self.path, f"{db} is {'empty (0 bytes)' if state == 'empty' else 'missing'}")
-            if not create:
-                raise RegistryError(
-                    f"No registry at {str(self.path)!r} (expected {DB_NAME} there). Build one "
-                    "with `stepstone registry build --registry DIR ...`.")
+        db = self._require_manifest(create=create)
         conn = sqlite3.connect(db, timeout=60)
         tables = self._check_tables(conn)
         if tables and not {"esms", "meta", "pending"} <= tables:
