@@ -263,6 +263,7 @@ def test_esm_without_fingerprint_still_needs_its_pooling():
     assert esm.matches(same) and esm.mismatches(mean) == ["pooling"]
 
 
+@pytest.mark.heavy  # kills, resumes or several runs: `make test`, not test-fast
 def test_cli_discovers_and_imports_offline_through_env(hub_cache, tmp_path):
     """The real path: HF_HUB_OFFLINE and HF_HUB_CACHE read by huggingface_hub itself."""
     cache, _ = hub_cache

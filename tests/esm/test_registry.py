@@ -100,6 +100,7 @@ reg.add(esm, esm_id="t-1", settings_key="k")
 """
 
 
+@pytest.mark.heavy  # kills, resumes or several runs: `make test`, not test-fast
 @pytest.mark.parametrize("where,survives", [("staged", False), ("after-rename", True)])
 def test_killed_add_leaves_a_registry_that_verifies(tmp_path, tiny_model_dir, where, survives):
     script = tmp_path / "kill.py"

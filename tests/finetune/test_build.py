@@ -101,6 +101,7 @@ B.build_registry(sys.argv[2], _tasks(3), encoder=load_encoder(sys.argv[1], max_l
 """
 
 
+@pytest.mark.heavy  # kills, resumes or several runs: `make test`, not test-fast
 def test_killed_build_resumes_without_loss(tmp_path, tiny_model_dir, tiny_encoder):
     script = tmp_path / "kill.py"
     script.write_text(textwrap.dedent(KILL_BUILD))

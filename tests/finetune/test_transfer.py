@@ -72,6 +72,7 @@ def _numbers(report: TransferReport) -> list[tuple]:
              r["probe_after"]) for r in report.runs]
 
 
+@pytest.mark.heavy  # kills, resumes or several runs: `make test`, not test-fast
 def test_report_contents(world, tmp_path, monkeypatch):
     calls = _count_finetunes(monkeypatch)
     out = tmp_path / "out"
@@ -116,6 +117,7 @@ def test_report_contents(world, tmp_path, monkeypatch):
     assert calls == [] and _numbers(again) == _numbers(report)
 
 
+@pytest.mark.heavy  # kills, resumes or several runs: `make test`, not test-fast
 def test_killed_run_resumes_to_the_same_numbers(world, tmp_path, monkeypatch):
     reference = _run(world, tmp_path / "ref", lr_distributions=SPECS[:1])
     out = tmp_path / "out"
@@ -144,6 +146,7 @@ def test_killed_run_resumes_to_the_same_numbers(world, tmp_path, monkeypatch):
     assert _numbers(resumed) == _numbers(reference)
 
 
+@pytest.mark.heavy  # kills, resumes or several runs: `make test`, not test-fast
 def test_other_settings_in_the_same_folder_are_refused(world, tmp_path):
     out = tmp_path / "out"
     one_seed = TransferSettings(**{**SETTINGS.to_dict(), "seeds": 1,
@@ -169,6 +172,7 @@ def test_bad_input_fails_before_training(world, tmp_path, monkeypatch):
     assert calls == [] and not (tmp_path / "a").exists()
 
 
+@pytest.mark.heavy  # kills, resumes or several runs: `make test`, not test-fast
 def test_auto_source_and_kept_model(world, tmp_path, monkeypatch):
     from stepstone.selection.ranking import rank
 
@@ -193,6 +197,7 @@ def test_auto_source_and_kept_model(world, tmp_path, monkeypatch):
     assert calls == ["transfer flat_1e-3 s0", "baseline flat_1e-3 s0"]
 
 
+@pytest.mark.heavy  # kills, resumes or several runs: `make test`, not test-fast
 def test_lr_search_writes_a_reusable_distribution_and_resumes(world, tmp_path):
     out = tmp_path / "out"
     settings = TransferSettings(**{**SETTINGS.to_dict(), "seeds": 1,
@@ -255,6 +260,7 @@ def test_cli_transfer_json(world, tmp_path, tiny_model_dir, capsys):
     assert rc == 2 and "LR distribution must be" in capsys.readouterr().err
 
 
+@pytest.mark.heavy  # kills, resumes or several runs: `make test`, not test-fast
 def test_stabilised_transfer(world, tmp_path, tiny_model_dir, capsys):
     from stepstone.cli import main
     from stepstone.finetune.stabilize import StabilizerSettings
