@@ -189,3 +189,12 @@ def load_benchmark(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def write_task_csv(path, n: int, seed: int) -> str:
+    """A ``text,label`` CSV of ``n`` :func:`make_texts` rows at ``path``; returns the path."""
+    import pandas as pd
+
+    texts, labels = make_texts(n, seed=seed)
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
+    return str(path)

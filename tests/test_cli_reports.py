@@ -9,11 +9,10 @@ import re
 from importlib.metadata import version
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from stepstone.cli import main
-from tests.conftest import make_texts
+from tests.conftest import write_task_csv
 
 
 def _run(capsys, *argv):
@@ -22,10 +21,7 @@ def _run(capsys, *argv):
     return code, out.out, out.err
 
 
-def _csv(path, n, seed):
-    texts, labels = make_texts(n, seed=seed)
-    pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
-    return str(path)
+_csv = write_task_csv
 
 
 @pytest.fixture(scope="module")

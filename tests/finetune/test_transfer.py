@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import stepstone.finetune.train as T
@@ -15,7 +14,7 @@ from stepstone.finetune.build import BuildSettings, build_registry
 from stepstone.finetune.train import FinetuneSettings
 from stepstone.finetune.transfer import LRSearchSettings, TransferSettings, transfer
 from stepstone.finetune.transfer_report import TransferReport
-from tests.conftest import make_texts
+from tests.conftest import write_task_csv
 
 SETTINGS = TransferSettings(
     seeds=2, source_max_examples=40, target_max_examples=24, max_eval=16, probe_examples=24,
@@ -24,10 +23,7 @@ SETTINGS = TransferSettings(
 SPECS = ["flat:1e-3", "llrd:1e-3,0.5"]
 
 
-def _csv(path, n, seed):
-    texts, labels = make_texts(n, seed=seed)
-    pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
-    return str(path)
+_csv = write_task_csv
 
 
 @pytest.fixture(scope="module")
