@@ -50,8 +50,8 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest -q
 
-# Skips the real-encoder tests (`slow`), the Ray cluster tests (`ray`) and the kill/resume
-# and multi-run integration tests (`heavy`); `make test` runs them all.
+# Skips the real-encoder tests (`slow`), the Ray cluster tests (`ray`) and the integration
+# runs (`heavy`: kill/resume, benchmark smoke runs, every built-in task); `make test` runs them all.
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not ray and not heavy"
 

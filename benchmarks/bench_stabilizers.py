@@ -41,7 +41,11 @@ KINDS = ("none", "ensemble", "swa", "deni")
 
 
 def subsets(task_id: str, n_train: int, n_test: int, seed: int = 0):
-    """A fixed training/test subset (the same for every seed and stabiliser)."""
+    """A fixed training/test subset (the same for every seed and stabiliser).
+
+    Frozen on purpose: results/stabilizers_runs.jsonl was drawn with this permutation
+    stream; the library's uniform sampler (``stepstone.esm.sampling.uniform_indices``)
+    draws other rows for the same seed and would change every committed number."""
     task = load_builtin(task_id)
     rng = np.random.default_rng(seed)
     train = task.train.take(np.sort(rng.permutation(len(task.train))[:n_train]))

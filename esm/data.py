@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 
 from stepstone.esm.errors import ConfigError, StepstoneError
-from stepstone.esm.sampling import draw_per_class, sample_indices, uniform_indices
+from stepstone.esm.sampling import holdout_indices, sample_indices
 
 logger = logging.getLogger(__name__)
 
@@ -574,15 +574,8 @@ def _split_rows(rows, kind, encode, test_size, seed):
     n = len(rows)
     if n < 2:
         raise DataError(f"Need at least 2 distinct rows to split into train and test; got {n}.")
-    if kind == "classification":
-        labels = encode([r[2] for r in rows])
-        classes, counts = np.unique(labels, return_counts=True)
-        # each class of two or more rows keeps rows on both sides
-        quotas = [min(max(int(round(m * test_size)), 1), m - 1) if m >= 2 else 0
-                  for m in counts]
-        chosen = draw_per_class(labels, classes, quotas, np.random.default_rng(seed))
-    else:
-        chosen = uniform_indices(n, max(1, int(round(n * test_size))), seed=seed)
+    labels = encode([r[2] for r in rows]) if kind == "classification" else np.zeros(n)
+    chosen = holdout_indices(labels, test_size, seed=seed, label_kind=kind)
     test_set = set(chosen.tolist())
     train = [r for i, r in enumerate(rows) if i not in test_set]
     test = [r for i, r in enumerate(rows) if i in test_set]

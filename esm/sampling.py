@@ -10,7 +10,10 @@ is only the per-class quota:
   test fraction of a built-in task);
 - :func:`balanced_quotas`: every class an equal share, a class smaller than its share
   kept whole (class-balanced built-in tasks);
-- a fixed number of shots per class (:func:`per_class_indices`).
+- a fixed number of shots per class (:func:`per_class_indices`);
+- a held-out share of every class, each class of two or more rows keeping rows on
+  both sides (:func:`holdout_indices`: test splits of local data, the LR search's
+  validation split).
 
 Regression labels (or none) are sampled uniformly (:func:`uniform_indices`).
 """
@@ -29,6 +32,7 @@ Ties = Literal["quicksort", "stable"]
 __all__ = [
     "balanced_quotas",
     "draw_per_class",
+    "holdout_indices",
     "per_class_indices",
     "sample_indices",
     "stratified_quotas",
@@ -149,3 +153,25 @@ def per_class_indices(labels: Sequence | np.ndarray, shots: int, *, seed: int = 
     classes, counts = np.unique(labels, return_counts=True)
     return draw_per_class(labels, classes, np.minimum(counts, shots),
                           np.random.default_rng(seed))
+
+
+def holdout_indices(labels: Sequence | np.ndarray, fraction: float, *, seed: int = 0,
+                    label_kind: Literal["classification", "regression"] = "classification"
+                    ) -> np.ndarray:
+    """Sorted indices of the held-out part of a seeded two-way split.
+
+    labels: array of shape (n,), n >= 2; fraction in (0, 1). Classification: each class
+    of ``m >= 2`` rows holds out ``round(m * fraction)`` of them, at least one and at
+    most ``m - 1`` (so it has rows on both sides); a single-row class stays on the kept
+    side. Regression: ``round(n * fraction)`` rows (at least one) drawn uniformly.
+    """
+    if not 0 < fraction < 1:
+        raise ConfigError(f"A held-out fraction must lie strictly between 0 and 1; got "
+                          f"{fraction}.")
+    labels = np.asarray(labels)
+    if label_kind == "regression":
+        return uniform_indices(len(labels), max(1, int(round(len(labels) * fraction))),
+                               seed=seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = [min(max(int(round(m * fraction)), 1), m - 1) if m >= 2 else 0 for m in counts]
+    return draw_per_class(labels, classes, quotas, np.random.default_rng(seed))

@@ -44,7 +44,7 @@ from stepstone.esm.encoder import Encoder
 from stepstone.esm.errors import ConfigError
 from stepstone.esm.leakage import overlap
 from stepstone.esm.registry import Registry, open_registry
-from stepstone.esm.sampling import uniform_indices
+from stepstone.esm.sampling import holdout_indices, uniform_indices
 from stepstone.esm.specs import load_task
 from stepstone.esm.taskmodel import TaskModel, load_task_model, save_task_model
 from stepstone.finetune.forgetting import (
@@ -175,27 +175,11 @@ def _sample(split: Split, n: int, seed: int) -> Split:
 
 
 def _validation_split(task: Task, ratio: float, seed: int) -> tuple[Split, Split]:
-    """Stratified (train, validation) from the task's training split; unstratified, with
-    a warning naming the smallest class, when a class is too small to stratify."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(task.train))
-    strat = task.train.labels if task.label_kind == "classification" else None
-    if strat is not None:
-        classes, counts = np.unique(strat, return_counts=True)
-        n_val = int(np.ceil(ratio * len(idx)))
-        if counts.min() < 2 or not len(classes) <= n_val <= len(idx) - len(classes):
-            small = classes[counts.argmin()]
-            name = task.classes[small] if small < len(task.classes) else small
-            logger.warning(
-                "LR search: the validation split is not stratified: class %r has %d "
-                "training example(s) and a stratified split of %d into %.0f%% validation "
-                "needs >= 2 per class and >= %d on each side (one per class); change "
-                "--search-validation-ratio or --target-max-examples to stratify.",
-                name, counts.min(), len(idx), 100 * ratio, len(classes))
-            strat = None
-    tr, va = train_test_split(idx, test_size=ratio, random_state=seed, stratify=strat)
-    return task.train.take(np.sort(tr)), task.train.take(np.sort(va))
+    """(train, validation) from the task's training split: the shared hold-out sampler
+    (a ``ratio`` share of every class, each class of two or more rows on both sides)."""
+    val = holdout_indices(task.train.labels, ratio, seed=seed, label_kind=task.label_kind)
+    train = np.setdiff1d(np.arange(len(task.train)), val)
+    return task.train.take(train), task.train.take(val)
 
 
 # -- the pipeline -----------------------------------------------------------------------

@@ -585,6 +585,24 @@ def _layer_arg(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
 
+def _add_target_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="builtin:ID, a local file, or a Hub dataset name.")
+
+
+def _add_registry_arg(p: argparse.ArgumentParser, *, default_ok: bool = True) -> None:
+    # Commands that write need an explicit folder: the shipped registry is read-only.
+    p.add_argument("--registry", default=None, required=not default_ok,
+                   help="Registry folder" + (" (default: the shipped registry)."
+                                             if default_ok else "."))
+
+
+def _add_output_args(p: argparse.ArgumentParser, *, json_help: str = "Machine-readable output.",
+                     quiet: bool = True) -> None:
+    p.add_argument("--json", action="store_true", help=json_help)
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="No progress bars.")
+
+
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     from stepstone.esm.encoder import DEFAULT_ENCODER, POOLINGS
 
@@ -637,15 +655,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tasks", help="List the built-in task catalog.")
-    p.add_argument("--json", action="store_true", help="Machine-readable output.")
+    _add_output_args(p, quiet=False)
     p.set_defaults(func=cmd_tasks)
 
     from stepstone.selection.ranking import DEFAULT_MAX_TARGET
     from stepstone.selection.scorers import available_methods
 
     p = sub.add_parser("rank", help="Rank a registry's sources for a target dataset.")
-    p.add_argument("target", help="builtin:ID, a local file, or a Hub dataset name.")
-    p.add_argument("--registry", default=None, help="Registry folder (default: shipped).")
+    _add_target_arg(p)
+    _add_registry_arg(p)
     p.add_argument("--method", choices=available_methods(), default="esm-logme",
                    help="Scoring method ('kernel': eNTK accuracy per kept source model; slow).")
     p.add_argument("--top", type=int, default=None, help="Show the best K sources only.")
@@ -678,11 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Recommend a source only when its predicted gain exceeds this many "
                         "points (default 0).")
     _add_data_args(p)
-    p.add_argument("--json", action="store_true", help="Machine-readable output.")
+    _add_output_args(p)
     p.add_argument("--csv", default=None, help="Also write the table to this CSV file.")
     p.add_argument("--plot", default=None, help="Also draw the scores to this PNG file.")
     p.add_argument("--no-cache", action="store_true", help="Do not use the embedding cache.")
-    p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=cmd_rank)
 
     from stepstone.finetune.stabilize import STABILIZERS, StabilizerSettings
@@ -690,12 +707,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "transfer", help="Fine-tune on a source, then on the target; measure gain and forgetting.")
-    p.add_argument("target", help="builtin:ID, a local file, or a Hub dataset name.")
+    _add_target_arg(p)
     p.add_argument("--source", default="auto",
                    help="'auto' (the gain model's recommendation; the top of rank when no "
                         "gain model applies), an ESM or task id in the registry, or a task "
                         "spec (default: auto).")
-    p.add_argument("--registry", default=None, help="Registry folder (default: shipped).")
+    _add_registry_arg(p)
     p.add_argument("--method", choices=available_methods(), default="esm-logme",
                    help="Ranking method for --source auto.")
     p.add_argument("--lr-distribution", nargs="+", default=None,
@@ -733,8 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Run even when the source holds texts of the target (the gain is "
                         "then inflated); refused by default.")
     p.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
-    p.add_argument("--json", action="store_true", help="Print the report as JSON.")
-    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    _add_output_args(p, json_help="Print the report as JSON.")
     p.set_defaults(func=cmd_transfer)
 
     from stepstone.finetune.kernel import FewShotFinetuneSettings
@@ -742,11 +758,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "kernel", help="eNTK (kernel) prediction of few-shot fine-tuning, beside the real thing.")
-    p.add_argument("target", help="builtin:ID, a local file, or a Hub dataset name.")
+    _add_target_arg(p)
     p.add_argument("--source", default=None,
                    help="Take the kernel of the encoder tuned on this source: an ESM id with a "
                         "kept model in --registry, or a built-in task id (fine-tuned here).")
-    p.add_argument("--registry", default=None, help="Registry folder (default: shipped).")
+    _add_registry_arg(p)
     p.add_argument("--source-max-examples", type=int, default=500,
                    help="Cap on source examples when fine-tuning a built-in source (default 500).")
     p.add_argument("--shots", type=int, default=16, help="Training examples per class (16).")
@@ -761,8 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, KernelSettings)
     add_config_args(p, FewShotFinetuneSettings, prefix="ft_", skip=("seed",))
     add_config_args(p, FinetuneSettings, prefix="src_", skip=("seed",))
-    p.add_argument("--json", action="store_true", help="Machine-readable output.")
-    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    _add_output_args(p)
     p.set_defaults(func=cmd_kernel)
 
     gain = sub.add_parser("gain", help="Fit and inspect the gain model behind the "
@@ -782,23 +797,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="Ridge penalty (default 1).")
     p.add_argument("--level", type=float, default=None,
                    help="Nominal interval coverage (default 0.8).")
-    p.add_argument("--json", action="store_true", help="Print the model as JSON.")
-    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    _add_output_args(p, json_help="Print the model as JSON.")
     p.set_defaults(func=cmd_gain_fit)
     p = gsub.add_parser("show", help="Show a gain model (default: the shipped one).")
     p.add_argument("path", nargs="?", default=None)
-    p.add_argument("--json", action="store_true", help="Print the model as JSON.")
+    _add_output_args(p, json_help="Print the model as JSON.", quiet=False)
     p.set_defaults(func=cmd_gain_show)
 
     reg = sub.add_parser("registry", help="Build and inspect ESM registries.")
     rsub = reg.add_subparsers(dest="registry_command", required=True)
 
     def common(p, *, default_ok: bool = True):
-        # Commands that write need an explicit folder: the shipped registry is read-only.
-        p.add_argument("--registry", default=None, required=not default_ok,
-                       help="Registry folder" + (" (default: the shipped registry)."
-                                                 if default_ok else "."))
-        p.add_argument("--json", action="store_true", help="Machine-readable output.")
+        _add_registry_arg(p, default_ok=default_ok)
+        _add_output_args(p, quiet=False)
 
     p = rsub.add_parser("build", help="Fine-tune on each source and add its ESM.")
     common(p, default_ok=False)

@@ -198,3 +198,38 @@ def write_task_csv(path, n: int, seed: int) -> str:
     texts, labels = make_texts(n, seed=seed)
     pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
     return str(path)
+
+
+def die_after_checkpoint(monkeypatch, *, write_number: int = 1, when=None) -> None:
+    """Let the real checkpoint writer run, then kill the run (``KeyboardInterrupt``) right
+    after its ``write_number``-th write (counting only writes to folders ``when`` accepts)."""
+    import stepstone.finetune.train as T
+
+    real = T._write_checkpoint
+    writes = []
+
+    def write_then_die(folder, *args, **kwargs):
+        real(folder, *args, **kwargs)
+        if when is None or when(folder):
+            writes.append(folder)
+            if len(writes) == write_number:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_write_checkpoint", write_then_die)
+
+
+def tiny_transfer_world(root, tiny_model_dir, *, keep_models: bool = False):
+    """The tiny transfer setting the golden and interval tests share: the tiny encoder
+    (``max_length=32``), a 60-row source CSV with its ESM built into ``root/reg`` and a
+    50-row target CSV. Returns ``(encoder, source_csv, target_csv)``."""
+    from stepstone.esm.encoder import load_encoder
+    from stepstone.finetune.build import BuildSettings, build_registry
+    from stepstone.finetune.train import FinetuneSettings
+
+    encoder = load_encoder(str(tiny_model_dir), max_length=32)
+    source = write_task_csv(Path(root) / "src.csv", 60, seed=10)
+    target = write_task_csv(Path(root) / "target.csv", 50, seed=99)
+    build_registry(Path(root) / "reg", [source], encoder=encoder, progress=False,
+                   settings=BuildSettings(max_examples=40, max_eval=16, keep_models=keep_models,
+                                          finetune=FinetuneSettings(epochs=1, batch_size=8)))
+    return encoder, source, target

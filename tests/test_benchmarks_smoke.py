@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import WORDS, load_benchmark, make_texts
 
+pytestmark = pytest.mark.heavy  # tiny end-to-end benchmark runs: `make test`, not test-fast
+
 tm = load_benchmark("transfer_matrix")
 sq = load_benchmark("selection_quality")
 kt = load_benchmark("kernel_transfer")

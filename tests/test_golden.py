@@ -9,10 +9,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from tests.conftest import make_texts
+from tests.conftest import tiny_transfer_world
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "values.json").read_text())
 
@@ -63,25 +62,15 @@ def test_transfer_matrix_protocol_key_unchanged():
 
 
 def test_tiny_transfer_report_unchanged(tmp_path, tiny_model_dir):
-    from stepstone.esm.encoder import load_encoder
-    from stepstone.finetune.build import BuildSettings, build_registry
     from stepstone.finetune.train import FinetuneSettings
     from stepstone.finetune.transfer import TransferSettings, transfer
 
-    encoder = load_encoder(str(tiny_model_dir), max_length=32)
-    paths = []
-    for name, n, seed in (("src", 60, 10), ("target", 50, 99)):
-        texts, labels = make_texts(n, seed=seed)
-        paths.append(tmp_path / f"{name}.csv")
-        pd.DataFrame({"text": texts, "label": labels}).to_csv(paths[-1], index=False)
-    build_registry(tmp_path / "reg", [str(paths[0])], encoder=encoder, progress=False,
-                   settings=BuildSettings(max_examples=40, max_eval=16, keep_models=True,
-                                          finetune=FinetuneSettings(epochs=1, batch_size=8)))
+    encoder, source, target = tiny_transfer_world(tmp_path, tiny_model_dir, keep_models=True)
     settings = TransferSettings(
         seeds=2, source_max_examples=40, target_max_examples=24, max_eval=16,
         probe_examples=24, cka_examples=8, curve_examples=8,
         finetune=FinetuneSettings(lr=1e-3, epochs=2, batch_size=8))
-    report = transfer(str(paths[1]), str(paths[0]), registry=tmp_path / "reg", encoder=encoder,
+    report = transfer(target, source, registry=tmp_path / "reg", encoder=encoder,
                       lr_distributions=["flat:1e-3", "llrd:1e-3,0.5"], settings=settings,
                       out=tmp_path / "out", progress=False)
     got = [(r["distribution"], r["seed"], r["target"], r["baseline"], r["source_after"],

@@ -37,15 +37,27 @@ def _installed(package: str) -> bool:
     return catalog.package_dir(package) is not None
 
 
-def _task_param(task_id: str):
+def _task_param(task_id: str, *marks):
     package = CATALOG[task_id].package
     return pytest.param(
         task_id, id=task_id,
-        marks=pytest.mark.skipif(not _installed(package), reason=f"{package} not installed"),
+        marks=[pytest.mark.skipif(not _installed(package), reason=f"{package} not installed"),
+               *marks],
     )
 
 
-ALL_TASKS = [_task_param(t) for t in CATALOG]
+def _class_of_text(task) -> dict[str, str]:
+    """Every text of the task (both splits) with its class name."""
+    labels = np.concatenate([task.train.labels, task.test.labels])
+    return {text: task.classes[label]
+            for text, label in zip(task.train.texts + task.test.texts, labels, strict=True)}
+
+
+# Loading every built-in task takes ~20 s: `make test-fast` checks two small ones, `make
+# test` (and CI) all of them.
+FAST_TASKS = ("sms_spam", "trec6")
+ALL_TASKS = [_task_param(t, *(() if t in FAST_TASKS else (pytest.mark.heavy,)))
+             for t in CATALOG]
 PAIR_TASKS = {"boolq"}
 
 
@@ -164,8 +176,7 @@ def test_health_tweets_have_no_urls_and_balanced_outlets(task_id):
 @pytest.mark.parametrize("task_id", [_task_param("trec6")])
 def test_trec_coarse_classes_mean_what_they_say(task_id):
     task = load_builtin(task_id)
-    by_text = dict(zip(task.train.texts + task.test.texts,
-                       np.concatenate([task.train.labels, task.test.labels]), strict=True))
+    by_text = _class_of_text(task)
     expect = {
         "What does the abbreviation AIDS stand for ?": "abbreviation",
         "When was Ozzy Osbourne born ?": "numeric",
@@ -175,7 +186,7 @@ def test_trec_coarse_classes_mean_what_they_say(task_id):
         "What are liver enzymes ?": "description",
     }
     for text, label in expect.items():
-        assert task.classes[by_text[text]] == label
+        assert by_text[text] == label
 
 
 @pytest.mark.parametrize("task_id", [_task_param(t) for t in (
@@ -321,9 +332,8 @@ def test_friends_lines_are_clean_and_balanced(task_id):
 @pytest.mark.parametrize("task_id", [_task_param("statcan_subject")])
 def test_statcan_titles_carry_their_subject(task_id):
     task = load_builtin(task_id)
-    by_text = dict(zip(task.train.texts + task.test.texts,
-                       np.concatenate([task.train.labels, task.test.labels]), strict=True))
-    assert task.classes[by_text["Central government debt"]] == "Government"
+    by_text = _class_of_text(task)
+    assert by_text["Central government debt"] == "Government"
     assert "Agriculture and food" in task.classes and "Travel and tourism" in task.classes
 
 
@@ -331,10 +341,9 @@ def test_statcan_titles_carry_their_subject(task_id):
 def test_wordnet_glosses_have_their_supersense(task_id):
     task = load_builtin(task_id)
     assert len(task.classes) == 26 and task.classes[0] == "Tops"
-    by_text = dict(zip(task.train.texts + task.test.texts,
-                       np.concatenate([task.train.labels, task.test.labels]), strict=True))
+    by_text = _class_of_text(task)
     dog = "a member of the genus Canis (probably descended from the common wolf)"
-    found = [task.classes[v] for k, v in by_text.items() if k.startswith(dog)]
+    found = [v for k, v in by_text.items() if k.startswith(dog)]
     assert found in ([], ["animal"])  # balanced subsample: present or not, never mislabelled
     counts = np.sort(np.bincount(np.concatenate([task.train.labels, task.test.labels])))
     assert counts[:2].tolist() == [42, 51]  # noun.motive and noun.Tops, kept whole
@@ -406,6 +415,7 @@ def test_catalog_is_wide_enough_when_every_package_is_installed():
 # ---------------------------------------------------------------------------- across tasks
 
 
+@pytest.mark.heavy  # loads every task
 def test_no_test_text_of_one_task_in_another_tasks_train():
     """Over all ordered pairs of available tasks: proves the disjoint_from declarations
     are complete (exact normalised texts, and near-duplicates up to punctuation)."""

@@ -9,6 +9,7 @@ from stepstone.esm.data import DataError, Split
 from stepstone.esm.errors import ConfigError
 from stepstone.esm.sampling import (
     balanced_quotas,
+    holdout_indices,
     per_class_indices,
     sample_indices,
     stratified_quotas,
@@ -94,3 +95,16 @@ def test_task_subsample_is_this_sampler(small_task):
     with pytest.raises(DataError, match="positive integer"):
         small_task.subsample(max_train=0)
     assert isinstance(small.train, Split)
+
+
+def test_holdout_takes_a_share_of_every_class_and_leaves_rows_on_both_sides():
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 2 + [3])
+    held = holdout_indices(labels, 0.3, seed=5)
+    assert np.all(np.diff(held) > 0)
+    assert np.bincount(labels[held], minlength=4).tolist() == [3, 1, 1, 0]
+    assert holdout_indices(labels, 0.3, seed=5).tolist() == held.tolist()
+    assert holdout_indices(labels, 0.3, seed=6).tolist() != held.tolist()
+    reg = holdout_indices(np.linspace(0, 1, 20), 0.25, seed=0, label_kind="regression")
+    assert len(reg) == 5
+    with pytest.raises(ConfigError, match="strictly between 0 and 1"):
+        holdout_indices(labels, 1.0)

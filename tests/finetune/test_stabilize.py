@@ -24,6 +24,7 @@ from stepstone.finetune.stabilize import (
     train_stabilized,
 )
 from stepstone.finetune.train import FinetuneSettings, TaskModel, finetune
+from tests.conftest import die_after_checkpoint
 
 SETTINGS = FinetuneSettings(lr=1e-3, epochs=3, batch_size=4, warmup_ratio=0.1, seed=5)
 # 32 training examples, batch 4: 8 steps per epoch, N = 24. With interval 3 the DENI
@@ -404,14 +405,8 @@ def test_stabilized_runs_resume_to_the_uninterrupted_result(tiny_encoder, small_
                progress=False)
     full = train_stabilized(_model(tiny_encoder), small_task.train, **run)
     ckpt = tmp_path / "ckpt"
-    real = T._write_checkpoint
-
-    def write_then_die(*args, **kw):
-        real(*args, **kw)
-        raise KeyboardInterrupt
-
     with monkeypatch.context() as m:
-        m.setattr(T, "_write_checkpoint", write_then_die)
+        die_after_checkpoint(m)
         with pytest.raises(KeyboardInterrupt):
             train_stabilized(_model(tiny_encoder), small_task.train, checkpoint_dir=ckpt,
                              checkpoint_every=every, **run)
@@ -425,14 +420,8 @@ def test_stabilized_runs_resume_to_the_uninterrupted_result(tiny_encoder, small_
 def test_a_checkpoint_resumes_only_under_the_same_stabiliser(tiny_encoder, small_task,
                                                              tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
-    real = T._write_checkpoint
-
-    def write_then_die(*args, **kw):
-        real(*args, **kw)
-        raise KeyboardInterrupt
-
     with monkeypatch.context() as m:
-        m.setattr(T, "_write_checkpoint", write_then_die)
+        die_after_checkpoint(m)
         with pytest.raises(KeyboardInterrupt):
             finetune(_model(tiny_encoder), small_task.train, label_kind="classification",
                      settings=SETTINGS, progress=False, checkpoint_dir=ckpt, checkpoint_every=4)

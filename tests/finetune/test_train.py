@@ -15,6 +15,7 @@ from stepstone.finetune.train import (
     finetune,
     metrics_from_outputs,
 )
+from tests.conftest import die_after_checkpoint
 
 SETTINGS = FinetuneSettings(lr=1e-3, epochs=2, batch_size=4, warmup_ratio=0.2, seed=3)
 
@@ -24,25 +25,11 @@ def _model(tiny_encoder) -> TaskModel:
     return TaskModel(tiny_encoder.copy(), 2)
 
 
-def _interrupt_at(monkeypatch, write_number: int) -> None:
-    """Let the real checkpoint writer run, then kill the run after its n-th write."""
-    real = T._write_checkpoint
-    writes = []
-
-    def write_then_die(*args, **kwargs):
-        real(*args, **kwargs)
-        writes.append(1)
-        if len(writes) == write_number:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(T, "_write_checkpoint", write_then_die)
-
-
 def _killed_run(tiny_encoder, task, ckpt, monkeypatch, *, every: int, kill_after: int = 1,
                 **kwargs) -> None:
     """A run that is killed right after its ``kill_after``-th checkpoint."""
     with monkeypatch.context() as m:
-        _interrupt_at(m, kill_after)
+        die_after_checkpoint(m, write_number=kill_after)
         with pytest.raises(KeyboardInterrupt):
             finetune(_model(tiny_encoder), task.train, label_kind="classification",
                      progress=False, settings=SETTINGS, checkpoint_dir=ckpt,

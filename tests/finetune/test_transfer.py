@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pytest
 
-import stepstone.finetune.train as T
 import stepstone.finetune.transfer as TR
 from stepstone.esm.data import DataError
 from stepstone.finetune.build import BuildSettings, build_registry
 from stepstone.finetune.train import FinetuneSettings
 from stepstone.finetune.transfer import LRSearchSettings, TransferSettings, transfer
 from stepstone.finetune.transfer_report import TransferReport
-from tests.conftest import write_task_csv
+from tests.conftest import die_after_checkpoint, write_task_csv
 
 SETTINGS = TransferSettings(
     seeds=2, source_max_examples=40, target_max_examples=24, max_eval=16, probe_examples=24,
@@ -117,17 +116,8 @@ def test_report_contents(world, tmp_path, monkeypatch):
 def test_killed_run_resumes_to_the_same_numbers(world, tmp_path, monkeypatch):
     reference = _run(world, tmp_path / "ref", lr_distributions=SPECS[:1])
     out = tmp_path / "out"
-    real_write = T._write_checkpoint
-    writes = []
-
-    def die_in_third_stage(folder, *args, **kwargs):
-        real_write(folder, *args, **kwargs)
-        writes.append(folder)
-        if "baseline" in str(folder):  # killed mid-way through seed 0's baseline
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(T, "_write_checkpoint", die_in_third_stage)
+    with monkeypatch.context() as m:  # killed mid-way through seed 0's baseline
+        die_after_checkpoint(m, when=lambda folder: "baseline" in str(folder))
         with pytest.raises(KeyboardInterrupt):
             _run(world, out, lr_distributions=SPECS[:1])
     assert (out / "runs" / "seed0" / "source.json").is_file()

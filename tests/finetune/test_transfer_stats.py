@@ -5,11 +5,9 @@ the cap named, explained columns, labelled plots, and the LR search's validation
 from __future__ import annotations
 
 import copy
-import logging
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from stepstone.esm.data import DataError, make_task
@@ -24,7 +22,7 @@ from stepstone.finetune.transfer_stats import (
     prediction_profile,
     wilson_interval,
 )
-from tests.conftest import make_texts
+from tests.conftest import make_texts, tiny_transfer_world
 
 SETTINGS = TransferSettings(
     seeds=1, source_max_examples=40, target_max_examples=24, max_eval=16, probe_examples=24,
@@ -34,20 +32,9 @@ SETTINGS = TransferSettings(
 @pytest.fixture(scope="module")
 def one_seed(tmp_path_factory, tiny_model_dir):
     """A real one-seed transfer on the tiny model (the source fine-tuned here)."""
-    from stepstone.esm.encoder import load_encoder
-    from stepstone.finetune.build import BuildSettings, build_registry
-
     root = tmp_path_factory.mktemp("transfer-stats")
-    encoder = load_encoder(str(tiny_model_dir), max_length=32)
-    paths = []
-    for name, n, seed in (("src", 60, 10), ("target", 50, 99)):
-        texts, labels = make_texts(n, seed=seed)
-        paths.append(root / f"{name}.csv")
-        pd.DataFrame({"text": texts, "label": labels}).to_csv(paths[-1], index=False)
-    build_registry(root / "reg", [str(paths[0])], encoder=encoder, progress=False,
-                   settings=BuildSettings(max_examples=40, max_eval=16,
-                                          finetune=FinetuneSettings(epochs=1, batch_size=8)))
-    report = transfer(str(paths[1]), str(paths[0]), registry=root / "reg", encoder=encoder,
+    encoder, source, target = tiny_transfer_world(root, tiny_model_dir)
+    report = transfer(target, source, registry=root / "reg", encoder=encoder,
                       lr_distributions=["flat:1e-3"], settings=SETTINGS, out=root / "out",
                       progress=False)
     return report, root / "out"
@@ -197,20 +184,19 @@ def test_drift_and_curves_plots_are_labelled(one_seed, tmp_path, monkeypatch):
 
 
 # -- the LR search's validation split ------------------------------------------------------
-def test_validation_split_with_a_tiny_class_warns_instead_of_crashing(caplog):
-    texts, labels = make_texts(30)
-    labels = labels[:27] + ["rare", "rare", "pos"]
+def test_validation_split_stratifies_and_keeps_a_tiny_class_in_training():
+    texts, labels = make_texts(40)
+    labels = labels[:37] + ["rare", "rare", "pos"]
     task = make_task("tiny_class", texts, labels, seed=0)
-    rare = task.classes.index("rare")
-    count = int(np.sum(task.train.labels == rare))
-    from sklearn.model_selection import train_test_split
-
-    with pytest.raises(ValueError, match="least populated class"):  # what users used to see
-        train_test_split(np.arange(len(task.train)), test_size=0.2, random_state=0,
-                         stratify=task.train.labels)
-    with caplog.at_level(logging.WARNING, logger="stepstone.finetune.transfer"):
-        train, val = _validation_split(task, 0.2, 0)
-    assert len(train) + len(val) == len(task.train) and len(val) > 0
-    message = caplog.text
-    assert f"class 'rare' has {count} training example" in message
-    assert "--search-validation-ratio" in message
+    train, val = _validation_split(task, 0.25, 3)
+    assert len(train) + len(val) == len(task.train)
+    assert not set(train.texts) & set(val.texts)
+    for k in range(len(task.classes)):
+        m = int(np.sum(task.train.labels == k))
+        held = int(np.sum(val.labels == k))
+        if m >= 2:  # a share of every class, rows on both sides
+            assert held == min(max(round(m * 0.25), 1), m - 1)
+        else:  # a one-row class cannot be on both sides: it stays in training
+            assert held == 0
+    again, _ = _validation_split(task, 0.25, 3)
+    assert again.texts == train.texts  # seeded
