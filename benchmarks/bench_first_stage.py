@@ -4,23 +4,30 @@ A. Real ESMs: every affine ESM of the shipped registry and of the (read-only) ma
    registries ``benchmarks/work/matrix/*/registry-s0``; every available built-in task
    as a target (training split capped at 1,000, stratified, seed 0; embeddings from
    the cache), each without ESMs of its own task. Exact ESM-LogME ranks them; the
-   first stage (ESM sketch index, :mod:`stepstone.selection.sketch`) and, as the old
-   baseline, TextEmb (cosine of mean embeddings, where the row has a task vector) keep
-   K. Recall@K of the exact top-1 and of the exact top-5, mean over targets.
+   first stage as ``rank`` runs it (ESM sketch index, :mod:`stepstone.selection.sketch`:
+   inner-product search for ``MIDDLE_STAGE_POOL``, then the middle stage
+   ``sketch_logme`` on the sketches) keeps K; so do, for comparison, the inner product
+   alone (the first-order model) and TextEmb (cosine of mean embeddings, where the row
+   has a task vector). Recall@K of the exact top-1 and of the exact top-5, mean over
+   targets; for the v1 (shipped) and v2 (matrix run) ESMs apart and together.
 B. Synthetic ESMs fitted to the real ones: ``W = mean + sum_j z_j sqrt(l_j) P_j + R``
    where ``mean`` and ``(l_j, P_j)`` are the mean and the principal components of the
    real maps' deviations ``[W_i - mean, b_i - mean_b]`` (z ~ N(0, 1)), and ``R`` a
    random rank-``8`` term inside the real maps' joint row/column spaces whose Frobenius
    norm is ``--residual`` times the real deviations' mean norm (maps that are not
-   mere mixtures of the real ones). Same targets (a subset), same recall@K.
+   mere mixtures of the real ones). Same targets (a subset), same recall@K; also with
+   inner-product pools of n/10, n/5, n/2 before the middle stage (what the pool of
+   ``MIDDLE_STAGE_POOL`` is at 10x, 5x, 2x the registry size).
 C. Scale (``--sizes``): registries of 1k/10k/100k rows hard-linked to one real ESM
-   folder (files cost nothing; made by bench_prefilter.make_scaled_registry):
-   full index build, incremental update after adding 1% more rows, ``rank`` with
+   folder (files cost nothing), kept in ``work/scale/reg-N`` and made beforehand with
+   ``--prepare`` (resumable; the 100k one grows from the 10k one's index): full index
+   build, incremental update after adding 1% more rows, ``rank`` with
    ``prefilter=K`` (median over repeats; embedding from the cache), index size on
    disk, and peak RSS of a fresh ``rank`` process (VmHWM) next to the index size.
 D. Storage: disk per ESM as stored (float32), float16 and rank-r truncations, with the
    Kendall tau of exact ESM-LogME scores against float32 over the real targets.
 
+    python benchmarks/bench_first_stage.py --prepare --sizes 1000 10000 100000  # niced
     python benchmarks/bench_first_stage.py [--parts A B C D] [--sizes 1000 10000 100000]
 """
 
@@ -34,7 +41,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +51,9 @@ from stepstone.selection.logme import TargetBasis
 from stepstone.selection.logme_maps import logme_linear_maps
 from stepstone.selection.sketch import (
     DEFAULT_SKETCH_RANK,
+    MIDDLE_STAGE_POOL,
     fit_sketch_basis,
+    sketch_logme,
     sketch_maps,
     target_query,
 )
@@ -54,7 +62,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ROOT = HERE.parent
 KS_REAL = (1, 2, 3, 5, 8, 10, 12, 15)
-KS_SYN = (10, 25, 50, 100, 200, 400)
+KS_SYN = (5, 10, 25, 50, 100, 200, 400)
 
 
 def real_esms(folders: list[str] | None = None) -> dict:
@@ -64,7 +72,7 @@ def real_esms(folders: list[str] | None = None) -> dict:
             glob.glob(str(HERE / "work" / "matrix" / "*" / "registry-s0")))
     from stepstone.esm.registry import Registry
 
-    tasks, ws, bs, vecs = [], [], [], []
+    tasks, ws, bs, vecs, where = [], [], [], [], []
     for folder in folders:
         reg = Registry(folder)
         for e in reg.entries():
@@ -75,8 +83,11 @@ def real_esms(folders: list[str] | None = None) -> dict:
             ws.append(pair[0])
             bs.append(pair[1])
             vecs.append(e.task_vector)
+            # v1: the shipped registry (AdamW ESMs); v2: the matrix run's closed-form ridge
+            where.append("v1" if Path(folder).name == "default_registry" else "v2")
         reg.close()
-    return {"tasks": tasks, "W": np.stack(ws), "b": np.stack(bs), "vectors": vecs}
+    return {"tasks": tasks, "W": np.stack(ws), "b": np.stack(bs), "vectors": vecs,
+            "registry": np.array(where)}
 
 
 def load_targets(names: list[str] | None, max_examples: int = 1000) -> dict:
@@ -109,35 +120,97 @@ def mean_recall(rows: list[dict], ks) -> dict:
             for k in ks}
 
 
-def part_a(esms: dict, targets: dict, rank: int) -> dict:
-    W, b = esms["W"], esms["b"]
-    basis = fit_sketch_basis(W, b, rank=rank)
-    sketches = sketch_maps(basis, W, b)
-    tasks = np.array(esms["tasks"])
-    rows, rows_te, per_target = [], [], {}
-    ks = [k for k in KS_REAL if k < len(tasks) - 1]
-    for t, (X, y, mean) in targets.items():
-        keep = np.flatnonzero(tasks != t)
-        exact = logme_linear_maps(TargetBasis(X, y), W[keep], b[keep])
-        t0 = time.perf_counter()
-        proxy = sketches[keep] @ target_query(basis, X, y)
-        query_s = time.perf_counter() - t0
-        r = recall_at(np.argsort(-exact), np.argsort(-proxy), ks)
-        rows.append(r)
-        te = np.array([-np.inf if esms["vectors"][i] is None else
-                       float(esms["vectors"][i] @ mean) for i in keep])
-        rows_te.append(recall_at(np.argsort(-exact), np.argsort(-te), ks))
-        from scipy.stats import kendalltau
+def _spread(W: np.ndarray, b: np.ndarray) -> dict:
+    """Norms that say how far apart maps are: ``||W||``, ``||W - mean||``, ``||W - I||``
+    (Frobenius, quartiles over maps)."""
+    flat = np.concatenate([W.reshape(len(W), -1), b], axis=1).astype(np.float64)
+    eye = np.eye(W.shape[1], W.shape[2]).ravel()
+    q = [25, 50, 75]
+    return {"norm": np.percentile(np.linalg.norm(flat, axis=1), q).tolist(),
+            "from_mean": np.percentile(np.linalg.norm(flat - flat.mean(0), axis=1), q).tolist(),
+            "from_identity": np.percentile(np.linalg.norm(
+                W.reshape(len(W), -1) - eye, axis=1), q).tolist()}
 
-        per_target[t] = {"candidates": len(keep), "kendall_tau": float(kendalltau(exact,
-                                                                                  proxy)[0]),
-                         "query_seconds": query_s, "top1_position": int(
-                             np.argsort(-proxy).tolist().index(int(np.argmax(exact))))}
-        print(f"  {t:<24} tau {per_target[t]['kendall_tau']:+.2f}  exact top-1 at first-stage "
-              f"position {per_target[t]['top1_position']}", flush=True)
-    return {"esms": len(tasks), "targets": len(targets), "sketch_rank": rank,
-            "recall": mean_recall(rows, ks), "recall_textemb": mean_recall(rows_te, ks),
-            "per_target": per_target}
+
+def _stages(basis, sketches: np.ndarray, X: np.ndarray, y: np.ndarray, pool: int
+            ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """First-order inner products, and the order ``rank`` uses: the inner-product search
+    keeps ``pool``, the middle stage (:func:`sketch_logme`) orders those; seconds per
+    stage."""
+    from threadpoolctl import threadpool_limits
+
+    t0 = time.perf_counter()
+    with threadpool_limits(1):
+        first = sketches @ target_query(basis, X, y)
+    t1 = time.perf_counter()
+    kept = np.argsort(-first, kind="stable")[:pool]
+    middle = sketch_logme(basis, X, y, sketches[kept])
+    t2 = time.perf_counter()
+    order = kept[np.argsort(-middle, kind="stable")]
+    return first, order, {"first_order_seconds": t1 - t0, "middle_stage_seconds": t2 - t1,
+                          "middle_stage_ms_per_esm": 1e3 * (t2 - t1) / max(len(kept), 1)}
+
+
+def part_a(esms: dict, targets: dict, rank: int) -> dict:
+    from scipy.stats import kendalltau
+
+    W, b = esms["W"], esms["b"]
+    tasks = np.array(esms["tasks"])
+    groups = {"all": np.ones(len(tasks), bool)}
+    where = esms.get("registry", np.full(len(tasks), "all"))
+    groups.update({g: where == g for g in sorted(set(where)) if g != "all"})
+    exact = {}
+    for t, (X, y, _) in targets.items():
+        t0 = time.perf_counter()
+        exact[t] = logme_linear_maps(TargetBasis(X, y), W, b)
+        exact[t + "/seconds"] = time.perf_counter() - t0
+    out = {"esms": len(tasks), "targets": len(targets), "sketch_rank": rank,
+           "middle_stage_pool": MIDDLE_STAGE_POOL, "by_registry": {}}
+    for g, member in groups.items():
+        basis = fit_sketch_basis(W[member], b[member], rank=rank)  # each registry its own
+        sketches = np.zeros((len(tasks), basis.dim), np.float32)
+        sketches[member] = sketch_maps(basis, W[member], b[member])
+        ks = [k for k in KS_REAL if k < member.sum() - 1]
+        rows, rows_first, rows_te, per_target, costs = [], [], [], {}, []
+        for t, (X, y, mean) in targets.items():
+            keep = np.flatnonzero(member & (tasks != t))
+            ex = exact[t][keep]
+            first, order, cost = _stages(basis, sketches[keep], X, y, MIDDLE_STAGE_POOL)
+            cost["exact_ms_per_esm"] = 1e3 * exact[t + "/seconds"] / len(tasks)
+            costs.append(cost)
+            order_exact = np.argsort(-ex)
+            rows.append(recall_at(order_exact, order, ks))
+            rows_first.append(recall_at(order_exact, np.argsort(-first), ks))
+            te = np.array([-np.inf if esms["vectors"][i] is None else
+                           float(esms["vectors"][i] @ mean) for i in keep])
+            rows_te.append(recall_at(order_exact, np.argsort(-te), ks))
+            middle = np.empty(len(keep))
+            middle[order] = -np.arange(len(order))
+            per_target[t] = {"candidates": len(keep),
+                             "kendall_tau_middle": float(kendalltau(ex, middle)[0]),
+                             "kendall_tau_first_order": float(kendalltau(ex, first)[0]),
+                             "top1_position": int(order.tolist().index(int(np.argmax(ex)))),
+                             **cost}
+        res = {"esms": int(member.sum()), "targets": len(targets),
+               "recall": mean_recall(rows, ks), "recall_first_order": mean_recall(rows_first, ks),
+               "recall_textemb": mean_recall(rows_te, ks),
+               "kendall_tau_middle": float(np.mean([p["kendall_tau_middle"]
+                                                    for p in per_target.values()])),
+               "kendall_tau_first_order": float(np.mean([p["kendall_tau_first_order"]
+                                                         for p in per_target.values()])),
+               "cost": {k: float(np.median([c[k] for c in costs])) for k in costs[0]},
+               "spread": _spread(W[member], b[member]), "per_target": per_target}
+        out["by_registry"][g] = res
+        r = res["recall"]
+        print(f"  {g:<4} {res['esms']:>3} ESMs: tau {res['kendall_tau_middle']:.2f} (first order "
+              f"{res['kendall_tau_first_order']:.2f}); recall top-1/top-5 "
+              + ", ".join(f"K={k} {r[k]['top1']:.2f}/{r[k]['top5']:.2f}" for k in (5, 8)
+                          if k in r), flush=True)
+    # the headline curves: the whole real set, as the plot shows them
+    out.update({k: out["by_registry"]["all"][k] for k in (
+        "recall", "recall_first_order", "recall_textemb", "kendall_tau_middle",
+        "kendall_tau_first_order", "cost", "spread", "per_target")})
+    return out
 
 
 def synthetic_maps(esms: dict, n: int, *, residual: float = 0.5, seed: int = 0
@@ -175,19 +248,127 @@ def part_b(esms: dict, targets: dict, n: int, rank: int, residual: float) -> dic
     basis = fit_sketch_basis(W[:2000], b[:2000], rank=rank)
     sketches = sketch_maps(basis, W, b)
     build_s = time.perf_counter() - t0
-    rows = []
     ks = [k for k in KS_SYN if k < n]
+    # pools below n model larger registries: at 10x the size, MIDDLE_STAGE_POOL is n / 10
+    pools = sorted({min(MIDDLE_STAGE_POOL, n)} | {p for p in (n // 10, n // 5, n // 2)
+                                                  if p >= max(ks)})
+    rows, rows_first, rows_pool, costs = [], [], {p: [] for p in pools}, []
     for t, (X, y, _) in targets.items():
         t0 = time.perf_counter()
         exact = logme_linear_maps(TargetBasis(X, y), W, b)
         exact_s = time.perf_counter() - t0
-        proxy = sketches @ target_query(basis, X, y)
-        rows.append(recall_at(np.argsort(-exact), np.argsort(-proxy), ks))
-        k = ks[min(2, len(ks) - 1)]
-        print(f"  {t:<24} exact {exact_s:.1f}s; top-5 recall@{k} {rows[-1][k]['top5']:.2f}",
-              flush=True)
+        order_exact = np.argsort(-exact)
+        for p in pools:
+            first, order, cost = _stages(basis, sketches, X, y, p)
+            rows_pool[p].append(recall_at(order_exact, order, ks))
+        cost["exact_ms_per_esm"] = 1e3 * exact_s / n
+        costs.append(cost)
+        rows.append(rows_pool[min(MIDDLE_STAGE_POOL, n)][-1])
+        rows_first.append(recall_at(order_exact, np.argsort(-first), ks))
+        k = ks[min(3, len(ks) - 1)]
+        print(f"  {t:<24} exact {exact_s:.1f}s; top-5 recall@{k}: {rows[-1][k]['top5']:.2f} "
+              f"(first order alone {rows_first[-1][k]['top5']:.2f})", flush=True)
     return {"esms": n, "targets": list(targets), "residual": residual, "sketch_rank": rank,
-            "sketch_seconds": build_s, "recall": mean_recall(rows, ks)}
+            "sketch_seconds": build_s, "middle_stage_pool": min(MIDDLE_STAGE_POOL, n),
+            "recall": mean_recall(rows, ks), "recall_first_order": mean_recall(rows_first, ks),
+            "recall_by_pool": {str(p): mean_recall(r, ks) for p, r in rows_pool.items()},
+            "cost": {k: float(np.median([c[k] for c in costs])) for k in costs[0]},
+            "spread": _spread(W, b), "spread_real": _spread(esms["W"], esms["b"])}
+
+
+def grow_scaled_registry(folder: Path, n: int, *, chunk: int = 2000, seed: int = 0,
+                         progress: bool = True) -> None:
+    """Create or grow ``folder`` to ``n`` rows hard-linked to one real ESM folder (so
+    files cost nothing; only timings mean something), resumably: rows ``synthetic%06d`` are
+    added ``chunk`` at a time (folders linked first, rows committed per chunk), so an
+    interrupted run continues where it stopped and a 10k registry grows to 100k."""
+    import sqlite3
+
+    from tqdm.auto import tqdm
+
+    from stepstone.esm.registry import DB_NAME, ESM_DIR, Registry, open_registry
+
+    src = open_registry()
+    entry = src.entries()[0]
+    if not (folder / DB_NAME).exists():
+        Registry(folder, "w", create=True).close()
+    base = entry.to_dict()
+    cols = list(base) + ["task_vector"]
+    with sqlite3.connect(folder / DB_NAME) as conn:
+        have = conn.execute("SELECT COUNT(*) FROM esms").fetchone()[0]
+    bar = tqdm(total=n, initial=have, desc=f"scaled registry {folder.name}", unit="ESM",
+               disable=not progress)
+    per_seed = 50_000  # file systems cap hard links per inode (ext4: 65,000)
+    for start in range(have - have % chunk, n, chunk):
+        stop = min(start + chunk, n)
+        rng = np.random.default_rng([seed, start])
+        vectors = rng.normal(size=(stop - start, entry.in_dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        rows = []
+        for i in range(start, stop):
+            seed_dir = folder.parent / f"{folder.name}-seed{i // per_seed}"
+            if not seed_dir.exists():
+                shutil.copytree(src.esm_dir(entry.id), seed_dir)
+            esm_id = f"synthetic{i:06d}"
+            target = folder / ESM_DIR / esm_id
+            target.mkdir(parents=True, exist_ok=True)
+            for f in sorted(seed_dir.iterdir()):
+                if f.is_file() and not (target / f.name).exists():
+                    os.link(f, target / f.name)
+            row = {**base, "id": esm_id, "task_id": esm_id, "settings_key": esm_id,
+                   "has_model": 0, "task_vector": vectors[i - start].tobytes()}
+            rows.append(tuple(row[c] for c in cols))
+        with sqlite3.connect(folder / DB_NAME) as conn:
+            conn.executemany(f"INSERT OR IGNORE INTO esms ({', '.join(cols)}) VALUES "
+                             f"({', '.join('?' * len(cols))})", rows)
+            conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                         "WHERE key = 'generation'")
+        bar.update(stop - max(start, bar.n))
+    bar.close()
+    src.close()
+
+
+SCALE = HERE / "work" / "scale"
+
+
+def prepare_scaled(n: int, *, step: int = 10_000, progress: bool = True) -> Path:
+    """``work/scale/reg-<n>``: ``n`` rows plus the 1% part C adds back, indexed. Grows
+    and indexes ``step`` rows at a time (resumable, niced work before the timed runs);
+    a new folder starts from the largest smaller one's index files (the same ids and
+    weights), so a 100k index grows from the 10k one instead of from nothing."""
+    import json as _json
+
+    from stepstone.esm.registry import DB_NAME, Registry
+    from stepstone.selection.index import (
+        INDEX_FILE,
+        INDEX_META,
+        SKETCH_BASIS,
+        SKETCH_FILE,
+        SKETCH_META,
+        update_indexes,
+    )
+
+    folder = SCALE / f"reg-{n}"
+    total = n + max(n // 100, 1)
+    smaller = sorted((int(p.name[4:]) for p in SCALE.glob("reg-*") if p.name[4:].isdigit()
+                      and int(p.name[4:]) < n and (p / SKETCH_META).exists()), reverse=True)
+    if not (folder / DB_NAME).exists() and smaller:
+        folder.mkdir(parents=True)
+        for name in (SKETCH_FILE, SKETCH_META, SKETCH_BASIS, INDEX_FILE, INDEX_META):
+            shutil.copy(SCALE / f"reg-{smaller[0]}" / name, folder / name)
+        for meta in (SKETCH_META, INDEX_META):  # never "current" by a chance equal number
+            data = _json.loads((folder / meta).read_text())
+            (folder / meta).write_text(_json.dumps({**data, "generation": -1}))
+    for m in [*range(step, total, step), total]:
+        grow_scaled_registry(folder, m, progress=progress)
+        reg = Registry(folder, "w")
+        t0 = time.perf_counter()
+        update_indexes(reg)
+        if progress:
+            print(f"  reg-{n}: {len(reg)} rows indexed ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+        reg.close()
+    return folder
 
 
 def _rss_child(registry: str, target: str, prefilter: int) -> dict:
@@ -203,63 +384,73 @@ def _rss_child(registry: str, target: str, prefilter: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def part_c(sizes: list[int], repeats: int, prefilter: int, target: str) -> dict:
-    sys.path.insert(0, str(HERE))
-    from bench_prefilter import make_scaled_registry
-
+def part_c(sizes: list[int], repeats: int, prefilter: int, target: str, *,
+           full_build: bool = True) -> dict:
     from stepstone.esm.registry import Registry
-    from stepstone.selection.index import SKETCH_FILE, sketch_index
+    from stepstone.selection.index import (
+        SKETCH_BASIS,
+        SKETCH_FILE,
+        SKETCH_META,
+        sketch_index,
+        task_index,
+    )
     from stepstone.selection.ranking import rank
 
     rank(target, None, progress=False)  # fills the embedding cache
     out = {}
-    scratch = HERE / "work" / "scale"
-    scratch.mkdir(parents=True, exist_ok=True)
     for n in sizes:
-        tmp = Path(tempfile.mkdtemp(prefix=f"first-stage-{n}-", dir=scratch))
-        try:
-            grow = max(n // 100, 1)
-            make_scaled_registry(tmp / "reg", n + grow).close()
-            reg = Registry(tmp / "reg", "w")
-            extra = [e.id for e in reg.entries()][-grow:]
-            # the last 1% are held back: removed from the manifest rows (files stay)
-            with reg.conn:
-                rows = reg.conn.execute(
-                    f"SELECT * FROM esms WHERE id IN ({','.join('?' * grow)})",
-                    extra).fetchall()
-                reg.conn.execute(f"DELETE FROM esms WHERE id IN ({','.join('?' * grow)})",
-                                 extra)
+        folder = prepare_scaled(n, progress=False)  # a no-op once prepared
+        grow = max(n // 100, 1)
+        reg = Registry(folder, "w")
+        extra = [f"synthetic{i:06d}" for i in range(n, n + grow)]
+        # the last 1% are held back: removed from the manifest rows (files stay)
+        marks = ",".join("?" * grow)
+        with reg.conn:
+            rows = reg.conn.execute(f"SELECT * FROM esms WHERE id IN ({marks})",
+                                    extra).fetchall()
+            reg.conn.execute(f"DELETE FROM esms WHERE id IN ({marks})", extra)
+            reg._bump_generation()
+        build = None
+        if full_build:
+            for name in (SKETCH_FILE, SKETCH_META, SKETCH_BASIS):
+                (folder / name).unlink(missing_ok=True)
             t0 = time.perf_counter()
             sketch_index(reg, mmap=False)
             build = time.perf_counter() - t0
-            with reg.conn:
-                reg.conn.executemany(
-                    f"INSERT INTO esms VALUES ({','.join('?' * len(rows[0]))})", rows)
-                reg._bump_generation()
-            t0 = time.perf_counter()
-            sketch_index(reg, mmap=False)
-            update = time.perf_counter() - t0
-            reg.close()
-            ro = Registry(tmp / "reg")
-            times, stages = [], []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                r = rank(target, ro, prefilter=prefilter, progress=False)
-                times.append(time.perf_counter() - t)
-                stages.append(r.timings)
-            child = _rss_child(str(tmp / "reg"), target, prefilter)
-            out[n] = {"build_seconds": build, "update_seconds": update, "update_added": grow,
-                      "index_mib": (tmp / "reg" / SKETCH_FILE).stat().st_size / 2**20,
-                      "rank_seconds": times, "median_rank_seconds": statistics.median(times),
-                      "median_stages": {k: statistics.median(s[k] for s in stages)
-                                        for k in stages[0]},
-                      "peak_rss_mib_fresh_process": child["peak_rss_mib"]}
-            print(f"  {n:>7}: build {build:.1f}s, +{grow} update {update:.2f}s, rank "
-                  f"{out[n]['median_rank_seconds']:.2f}s (prefilter={prefilter}), index "
-                  f"{out[n]['index_mib']:.0f} MiB, peak RSS {child['peak_rss_mib']:.0f} MiB",
-                  flush=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            sketch_index(reg, mmap=False)  # drops the held-back rows
+        with reg.conn:
+            reg.conn.executemany(
+                f"INSERT INTO esms VALUES ({','.join('?' * len(rows[0]))})", rows)
+            reg._bump_generation()
+        t0 = time.perf_counter()
+        sketch_index(reg, mmap=False)
+        update = time.perf_counter() - t0
+        task_index(reg)  # leaves both indexes current (`registry verify` checks them)
+        reg.close()
+        ro = Registry(folder)
+        times, stages = [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            r = rank(target, ro, prefilter=prefilter, progress=False)
+            times.append(time.perf_counter() - t)
+            stages.append(r.timings)
+        ro.close()
+        child = _rss_child(str(folder), target, prefilter)
+        index_bytes = (folder / SKETCH_FILE).stat().st_size
+        out[n] = {"build_seconds": build, "update_seconds": update, "update_added": grow,
+                  "rows": n + grow, "index_mib": index_bytes / 2**20,
+                  "index_kib_per_esm": index_bytes / 1024 / (n + grow),
+                  "rank_seconds": times, "median_rank_seconds": statistics.median(times),
+                  "median_stages": {k: statistics.median(s[k] for s in stages)
+                                    for k in stages[0]},
+                  "peak_rss_mib_fresh_process": child["peak_rss_mib"],
+                  "fresh_process_timings": child["timings"]}
+        shown = "not run" if build is None else f"{build:.1f}s"
+        print(f"  {n:>7}: build {shown}, +{grow} update {update:.2f}s, rank "
+              f"{out[n]['median_rank_seconds']:.2f}s (prefilter={prefilter}; stages "
+              f"{out[n]['median_stages']}), index {out[n]['index_mib']:.0f} MiB, peak RSS "
+              f"{child['peak_rss_mib']:.0f} MiB", flush=True)
     return out
 
 
@@ -302,7 +493,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, key, title in ((axes[0], "A", "real ESMs"), (axes[1], "B", "synthetic ESMs")):
         part = results.get(key)
         if not part:
@@ -311,8 +502,21 @@ def plot(results: dict, path: Path) -> None:
         keys = sorted(part["recall"], key=int)
         ks = [int(k) for k in keys]
         for metric, style in (("top1", "-o"), ("top5", "-s")):
+            name = metric.replace("top", "top-")
             ax.plot(ks, [part["recall"][k][metric] for k in keys], style,
-                    label=f"sketch index, exact {metric.replace('top', 'top-')}")
+                    label=f"sketch index + middle stage, exact {name}")
+            if "recall_first_order" in part:
+                ax.plot(ks, [part["recall_first_order"][k][metric] for k in keys],
+                        marker=style[-1], alpha=0.6, ls="-.",
+                        label=f"first-order inner product alone, exact {name}")
+            pools = part.get("recall_by_pool", {})
+            smallest = min(pools, key=int, default=None)
+            if smallest is not None and int(smallest) < part["esms"]:
+                ax.plot(ks, [pools[smallest][k][metric] for k in keys], marker=style[-1],
+                        alpha=0.6, ls=(0, (1, 1)),
+                        label=f"pool {smallest} (= {MIDDLE_STAGE_POOL} at "
+                              f"{part['esms'] * MIDDLE_STAGE_POOL // int(smallest):,} ESMs), "
+                              f"exact {name}")
             if "recall_textemb" in part:
                 ax.plot(ks, [part["recall_textemb"][k][metric] for k in keys],
                         marker=style[-1], alpha=0.4, ls="--",
@@ -320,12 +524,14 @@ def plot(results: dict, path: Path) -> None:
         ax.plot(ks, [min(k / part["esms"], 1.0) for k in ks], ":", color="grey",
                 label="random cut (expected)")
         ax.axhline(0.95, color="#cc3311", lw=0.8, label="goal 0.95")
+        if key == "B":
+            ax.set_xscale("log")
         ax.set_xlabel("K kept by the first stage")
         ax.set_ylabel("recall of the exact ESM-LogME best")
         ax.set_ylim(0, 1.03)
         n_targets = part["targets"] if isinstance(part["targets"], int) else len(part["targets"])
         ax.set_title(f"{title}: {part['esms']} ESMs, {n_targets} targets")
-        ax.legend(fontsize=7, loc="lower right" if key == "A" else "upper left")
+        ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -344,11 +550,20 @@ def main() -> None:
     parser.add_argument("--target", default="builtin:movie_polarity")
     parser.add_argument("--targets", nargs="*", default=None)
     parser.add_argument("--registries", nargs="*", default=None)
+    parser.add_argument("--prepare", action="store_true",
+                        help="Only make and index the part C registries (work/scale/reg-N; "
+                             "resumable, slow at 100k: run it niced before the timed runs).")
+    parser.add_argument("--no-full-build", action="store_true",
+                        help="Part C: skip the full index build (time the update only).")
     parser.add_argument("--out", default=str(RESULTS / "first_stage.json"))
     args = parser.parse_args()
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     results.update({"cpu_count": os.cpu_count()})
+    if args.prepare:
+        for n in args.sizes:
+            print(f"preparing {prepare_scaled(n)}", flush=True)
+        return
     esms = targets = None
     if {"A", "B", "D"} & set(args.parts):
         esms = real_esms(args.registries)
@@ -366,9 +581,19 @@ def main() -> None:
         results["D"] = part_d(esms, targets)
     if "C" in args.parts:
         print("C. index build, incremental update and rank at scale")
-        results["C"] = {**results.get("C", {}), **{str(k): v for k, v in part_c(
-            args.sizes, args.repeats, args.prefilter, args.target).items()}}
+        new = {str(k): v for k, v in part_c(args.sizes, args.repeats, args.prefilter,
+                                             args.target,
+                                             full_build=not args.no_full_build).items()}
+        for k, v in new.items():  # --no-full-build keeps an earlier run's build time
+            earlier = results.get("C", {}).get(k, {}).get("build_seconds")
+            if v["build_seconds"] is None and earlier is not None:
+                v.update(build_seconds=earlier, build_from_earlier_run=True)
+        results["C"] = {**results.get("C", {}), **new}
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    # re-read: another run may have written other parts meanwhile; replace only ours
+    ran = {p: results[p] for p in args.parts if p in results}
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    results.update({"cpu_count": os.cpu_count(), **ran})
     out_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     plot(results, out_path.with_suffix(".png"))
     print(f"wrote {out_path} and {out_path.with_suffix('.png')}")

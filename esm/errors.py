@@ -15,3 +15,7 @@ class StepstoneError(Exception):
 
 class ConfigError(StepstoneError, ValueError):
     """An option or setting is invalid, or does not apply to what was asked for."""
+
+
+class RegistryError(StepstoneError, RuntimeError):
+    """The registry is missing, corrupt or inconsistent, or an id is unknown."""

@@ -75,15 +75,26 @@ def overlap(target: Sequence[str] | Task, source: dict[str, list[str]] | Sequenc
             ) -> Overlap:
     """The target's texts found in the source (texts, a task, or :func:`text_keys`)."""
     target_texts = task_texts(target) if isinstance(target, Task) else list(target)
-    if isinstance(source, Task):
-        source = text_keys(task_texts(source))
-    elif not isinstance(source, dict):
-        source = text_keys(source)
-    exact_keys, norm_keys = set(source["exact"]), set(source["normalised"])
-    distinct = {normalize_text(t): t for t in target_texts}
-    exact = sum(_hash(t) in exact_keys for t in set(target_texts))
-    normalised = sum(_hash(k) in norm_keys for k in distinct)
-    return Overlap(exact, normalised, len(distinct))
+    return _TargetKeys(target_texts).overlap(source)
+
+
+class _TargetKeys:
+    """A target's texts hashed once (one key per distinct text, exact and normalised),
+    for checking many sources against it."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        distinct = {normalize_text(t): t for t in texts}
+        self.exact = [_hash(t) for t in set(texts)]
+        self.normalised = [_hash(k) for k in distinct]
+
+    def overlap(self, source: dict[str, list[str]] | Sequence[str] | Task) -> Overlap:
+        if isinstance(source, Task):
+            source = text_keys(task_texts(source))
+        elif not isinstance(source, dict):
+            source = text_keys(source)
+        exact_keys, norm_keys = set(source["exact"]), set(source["normalised"])
+        return Overlap(sum(k in exact_keys for k in self.exact),
+                       sum(k in norm_keys for k in self.normalised), len(self.normalised))
 
 
 def _load_source(registry: Registry, entry: RegistryEntry) -> Task | None:
@@ -145,7 +156,7 @@ def leakage_report(target: Task, registry: Registry, entries: Sequence[RegistryE
                    cache_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Per ESM id: ``Overlap.to_dict()`` of the target with its source, only for sources
     that share texts, plus ``{'unknown': reason}`` for sources whose texts are unknown."""
-    texts = task_texts(target)
+    texts = _TargetKeys(task_texts(target))
     out: dict[str, dict[str, Any]] = {}
     for entry in entries:
         try:
@@ -156,7 +167,7 @@ def leakage_report(target: Task, registry: Registry, entries: Sequence[RegistryE
         if keys is None:
             out[entry.id] = {"unknown": "its source data cannot be loaded here"}
             continue
-        found = overlap(texts, keys)
+        found = texts.overlap(keys)
         if found:
             out[entry.id] = found.to_dict()
     return out

@@ -28,7 +28,6 @@ it and :func:`repair_registry` adds the ESM folders that lack a row.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -36,8 +35,6 @@ import os
 import re
 import shutil
 import sqlite3
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,9 +45,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from stepstone.esm import registry_lock
 from stepstone.esm.atomic import fsync_dir, fsync_tree
 from stepstone.esm.encoder import EncoderIdentity, EncoderMismatchError
-from stepstone.esm.errors import StepstoneError
+from stepstone.esm.errors import RegistryError
 from stepstone.esm.model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -65,7 +63,6 @@ DB_NAME = "registry.sqlite"
 ESM_DIR = "esms"
 MODEL_DIR = "models"
 STAGING_DIR = ".staging"
-LOCK_NAME = "registry.lock"
 PROFILE_NAME = "profile.json"
 REGISTRY_FORMAT = 1
 # The settings key of a row made by repair_registry from an ESM folder (the build's
@@ -92,6 +89,10 @@ CREATE TABLE IF NOT EXISTS esms (
     task_vector BLOB
 );
 CREATE INDEX IF NOT EXISTS esms_settings ON esms (settings_key);
+-- covers Registry.encoders() and Registry.ids(): a ranking never scans the row blobs
+CREATE INDEX IF NOT EXISTS esms_encoder ON esms (base_model, fingerprint, pooling,
+    max_length, layer, in_dim, task_id, id);
+CREATE INDEX IF NOT EXISTS esms_task ON esms (task_id, id);
 CREATE TABLE IF NOT EXISTS pending ({", ".join(_COLUMNS + _PENDING_EXTRA)});
 """
 
@@ -100,10 +101,6 @@ CREATE TABLE IF NOT EXISTS pending ({", ".join(_COLUMNS + _PENDING_EXTRA)});
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 _TOKEN_RE = re.compile(r"[0-9a-f]{8}")
 _REPAIR_HINT = "`stepstone registry repair --registry {path}`"
-
-
-class RegistryError(StepstoneError, RuntimeError):
-    """The registry is missing, corrupt or inconsistent, or an id is unknown."""
 
 
 def is_valid_id(esm_id: object) -> bool:
@@ -297,83 +294,6 @@ def _manifest_missing_error(path: Path, what: str) -> RegistryError:
         f"checksums are recomputed) with {_REPAIR_HINT.format(path=path)}.")
 
 
-# -- the writers' lock --------------------------------------------------------------------
-_HELD: dict[tuple[str, int], list[int]] = {}  # (lock path, thread) -> [fd, depth]
-_HELD_GUARD = threading.Lock()
-
-
-@contextmanager
-def _write_lock(path: Path, *, timeout: float | None = None) -> Iterator[None]:
-    """Exclusive ``flock`` on ``path/registry.lock``: one writer at a time across
-    processes and threads; re-entrant within one thread."""
-    key = (str((path / LOCK_NAME).resolve()), threading.get_ident())
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is not None:
-            held[1] += 1
-    if held is None:
-        fd = os.open(key[0], os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            _acquire(fd, path, timeout)
-        except BaseException:
-            os.close(fd)
-            raise
-        with _HELD_GUARD:
-            _HELD[key] = held = [fd, 1]
-    try:
-        yield
-    finally:
-        with _HELD_GUARD:
-            held[1] -= 1
-            done = held[1] == 0
-            if done:
-                del _HELD[key]
-        if done:
-            fcntl.flock(held[0], fcntl.LOCK_UN)
-            os.close(held[0])
-
-
-def _acquire(fd: int, path: Path, timeout: float | None) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    except BlockingIOError:
-        pass
-    logger.warning("Registry %s: another process is writing it; waiting for it to finish.",
-                   path)
-    if timeout is None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise RegistryError(f"Registry {path} is still being written by another "
-                                    f"process after {timeout:g}s; try again later.") from None
-            time.sleep(0.05)
-
-
-def _writer_active(path: Path) -> bool:
-    """Whether some process holds the write lock now (tested without creating anything)."""
-    lock = path / LOCK_NAME
-    if not lock.is_file():
-        return False
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing releases a shared lock we may have got
-    return False
-
-
 class Registry:
     """An ESM registry on disk.
 
@@ -541,6 +461,35 @@ class Registry:
         """All rows with a valid id, ordered by task id then id."""
         return self._rows("ORDER BY task_id, id")
 
+    def ids(self, *, encoders: list[EncoderIdentity] | None = None,
+            task_ids: list[str] | None = None) -> list[str]:
+        """Valid ids, ordered as :meth:`entries`, of the rows made with one of ``encoders``
+        (exact column values, as :meth:`encoders` returns them) and of one of
+        ``task_ids`` (None: any). Selected in SQL, so a ranking of a large registry
+        never builds an entry per row."""
+        where, params = [], []
+        if encoders is not None:
+            groups = ["(base_model IS ? AND fingerprint IS ? AND pooling IS ? AND max_length "
+                      "IS ? AND layer IS ? AND in_dim IS ?)"] * len(encoders)
+            where.append("(" + (" OR ".join(groups) or "0") + ")")
+            params += [v for k in encoders for v in (k.name, k.fingerprint, k.pooling,
+                                                     k.max_length, k.layer, k.dim)]
+        if task_ids is not None:
+            where.append(f"task_id IN ({', '.join('?' * len(task_ids))})")
+            params += list(task_ids)
+        sql = ("SELECT id FROM esms " + ("WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY task_id, id")
+        return [r[0] for r in self.conn.execute(sql, params) if is_valid_id(r[0])]
+
+    def entries_for(self, esm_ids: list[str]) -> list[RegistryEntry]:
+        """The rows of ``esm_ids``, in that order (ids without a row are left out)."""
+        found: dict[str, RegistryEntry] = {}
+        for start in range(0, len(esm_ids), 500):  # SQLite caps bound parameters
+            chunk = esm_ids[start:start + 500]
+            found.update((e.id, e) for e in self._rows(
+                f"WHERE id IN ({', '.join('?' * len(chunk))})", tuple(chunk)))
+        return [found[i] for i in esm_ids if i in found]
+
     def get(self, esm_id: str) -> RegistryEntry:
         check_esm_id(esm_id)
         found = self._rows("WHERE id = ?", (esm_id,))
@@ -688,7 +637,7 @@ class Registry:
         """Hold the registry's write lock (re-entrant in one thread). A build holds it
         for its whole run, so a second build waits, then skips what the first added."""
         self._require_writable()
-        with _write_lock(self.path, timeout=self.lock_timeout):
+        with registry_lock.write_lock(self.path, timeout=self.lock_timeout):
             yield
 
     def add(
@@ -922,9 +871,8 @@ class Registry:
         pending = {r[0]: r[1] for r in self.conn.execute(
             f"SELECT id, {'staging' if 'staging' in cols else 'NULL'} FROM pending")}
         # A writer verifying under its own lock has nothing in flight but what it reports.
-        ours = not self.readonly and (
-            str((self.path / LOCK_NAME).resolve()), threading.get_ident()) in _HELD
-        if pending and not ours and _writer_active(self.path):
+        ours = not self.readonly and registry_lock.holds_write_lock(self.path)
+        if pending and not ours and registry_lock.writer_active(self.path):
             notes.append(f"a writer is adding or removing {sorted(pending)} right now")
         else:
             problems += [f"{i}: interrupted operation pending; open the registry for writing "
@@ -969,7 +917,7 @@ def repair_registry(path: str | Path, *, lock_timeout: float | None = None) -> R
     if not path.is_dir():
         raise RegistryError(f"No registry folder at {str(path)!r}.")
     report = RepairReport()
-    with _write_lock(path, timeout=lock_timeout):
+    with registry_lock.write_lock(path, timeout=lock_timeout):
         db = path / DB_NAME
         if not db.exists() or db.stat().st_size == 0:
             db.unlink(missing_ok=True)  # an empty file holds nothing

@@ -36,6 +36,8 @@ from stepstone.selection.sketch import (
     DEFAULT_SKETCH_RANK,
     SketchBasis,
     fit_sketch_basis,
+    middle_stage_pool,
+    sketch_logme,
     sketch_maps,
     target_query,
 )
@@ -345,6 +347,16 @@ def _affine_maps(registry: Registry, entries: list[RegistryEntry]
 
 
 def _sketch_into(index: SketchIndex, registry: Registry, entries: list[RegistryEntry]) -> int:
+    from threadpoolctl import threadpool_limits
+
+    # One BLAS thread: a sketch is one small matrix product per map, and handing each
+    # to two threads made it 13x slower on a busy 2-core machine (20 ms vs 1.5 ms a map).
+    with threadpool_limits(1):
+        return _sketch_batches(index, registry, entries)
+
+
+def _sketch_batches(index: SketchIndex, registry: Registry, entries: list[RegistryEntry]
+                    ) -> int:
     added = 0
     for start in range(0, len(entries), SKETCH_BATCH):
         ids, W, b = _affine_maps(registry, entries[start:start + SKETCH_BATCH])
@@ -383,7 +395,10 @@ def build_sketch_index(registry: Registry, *, rank: int = DEFAULT_SKETCH_RANK,
         dim = entries[0].in_dim if entries else 1
         basis = SketchBasis(np.eye(dim + 1, min(rank, dim + 1)), np.eye(min(rank, dim + 1)))
     else:
-        basis = fit_sketch_basis(W, b, rank=rank)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1):  # per-map products: see _sketch_into (4x faster here)
+            basis = fit_sketch_basis(W, b, rank=rank)
     del W, b
     index = SketchIndex(basis)
     _sketch_into(index, registry, entries)
@@ -474,29 +489,53 @@ def check_indexes(registry: Registry) -> list[str]:
 def first_stage(registry: Registry, features: np.ndarray, labels: np.ndarray,
                 entries: list[RegistryEntry], k: int, *, label_kind: str = "classification"
                 ) -> list[RegistryEntry]:
-    """The ``k`` candidates among ``entries`` that the ESM sketch index scores highest for
-    a target (features (n, d), labels (n,)), best first; then every candidate the index
-    does not hold (non-affine or unreadable ESMs, another input dimension), so none is
-    dropped unscored.
+    """:func:`first_stage_ids` on entries: the kept entries, in its order."""
+    by_id = {e.id: e for e in entries}
+    return [by_id[i] for i in first_stage_ids(registry, features, labels, list(by_id), k,
+                                              label_kind=label_kind)]
 
-    The search runs over the candidate subset only (FAISS ``IDSelectorBatch``), so
-    filters and the target's exclusion never cost a slot among the ``k``.
+
+def first_stage_ids(registry: Registry, features: np.ndarray, labels: np.ndarray,
+                    esm_ids: list[str], k: int, *, label_kind: str = "classification"
+                    ) -> list[str]:
+    """The ``k`` candidates among ``esm_ids`` that the ESM sketch index scores highest
+    for a target (features (n, d), labels (n,)), best first; then every candidate the
+    index does not hold (non-affine or unreadable ESMs, another input dimension), so
+    none is dropped unscored.
+
+    The inner-product search keeps a pool of candidates (``middle_stage_pool``), which
+    :func:`~stepstone.selection.sketch.sketch_logme` rescores from their sketches (no
+    ESM weights read) to keep the ``k``. The search runs over the candidate subset
+    only (FAISS ``IDSelectorBatch``), so filters and the target's exclusion never cost
+    a slot. Takes ids, not registry rows: nothing is read per candidate.
     """
     if k < 1:
         raise ValueError(f"'k' must be >= 1; got {k}.")
     index = sketch_index(registry)
-    held = [e for e in entries if label_of(e.id) in index.ids]
-    by_id = {e.id: e for e in entries}
+    in_index = set(index.ids.values())  # a set of ids: no label hashed per candidate
+    held = [i for i in esm_ids if i in in_index]
     best: list[tuple[str, float]] = []
     if held and features.shape[1] == index.basis.in_dim:
-        query = index.query(features, labels, label_kind=label_kind)
-        best = index.search(query, k, among=[e.id for e in held])
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1):  # small factorisations: see _sketch_into (1 s vs 0.1 s)
+            query = index.query(features, labels, label_kind=label_kind)
+        # every indexed ESM a candidate (no filter, no exclusion): no id selector needed
+        pool = [i for i, _ in index.search(
+            query, middle_stage_pool(labels, k, label_kind=label_kind),
+            among=None if len(held) == len(index) else held)]
+        if pool:  # middle stage: LogME on the basis projection, from the stored sketches
+            scores = sketch_logme(index.basis, features, labels,
+                                  np.stack([index.vector(i) for i in pool]),
+                                  label_kind=label_kind)
+            best = [(pool[j], float(scores[j])) for j in np.argsort(-scores, kind="stable")[:k]]
     elif held:
         logger.warning("The ESM sketch index holds %d-d maps; the target is %d-d: no "
                        "first stage.", index.basis.in_dim, features.shape[1])
-        return list(entries)
-    unindexed = [e for e in entries if label_of(e.id) not in index.ids]
+        return list(esm_ids)
+    indexed = set(held)
+    unindexed = [i for i in esm_ids if i not in indexed]
     if unindexed:
         logger.info("First stage: %d candidate(s) without a sketch are kept: %s",
-                    len(unindexed), ", ".join(e.id for e in unindexed[:5]))
-    return [by_id[i] for i, _ in best] + unindexed
+                    len(unindexed), ", ".join(unindexed[:5]))
+    return [i for i, _ in best] + unindexed

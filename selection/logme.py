@@ -25,6 +25,7 @@ One computation, three modules:
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import numpy as np
@@ -298,6 +299,9 @@ class TargetBasis:
         ``Ux^T Y``.
     loadings : ndarray, shape (rank, d + 1)
         ``Sx Vx^T``.
+    triangular : tuple of ndarray, shapes (rank, d + 1) and (rank, k)
+        ``loadings`` and ``coords`` rotated so that the loadings are upper
+        triangular (computed on first use).
     y_sq : ndarray, shape (k,)
         ``||y||^2`` per column.
     resid2 : ndarray, shape (k,)
@@ -337,6 +341,18 @@ class TargetBasis:
         self.y_sq = np.einsum("ij,ij->j", Y, Y)
         # The dropped directions' share of y joins the residual in approximate mode.
         self.resid2 = resid2 + np.einsum("ij,ij->j", coords[keep:], coords[keep:])
+
+    @functools.cached_property
+    def triangular(self) -> tuple[np.ndarray, np.ndarray]:
+        """The same decomposition in another orthonormal basis of ``span(Ux)``.
+
+        ``(R, Q^T coords)`` from ``loadings = Q R`` (QR, ``R`` upper triangular or
+        trapezoidal, (rank, d + 1)): ``X1 = (Ux Q) R``, so every map's spectrum and
+        ``U_Z^T y`` are unchanged, and a square ``R`` halves the per-map product
+        ``Wt R^T`` (a triangular multiply) for ESM-LogME.
+        """
+        q, r = np.linalg.qr(self.loadings)
+        return np.ascontiguousarray(r), np.ascontiguousarray(q.T @ self.coords)
 
     @property
     def n_targets(self) -> int:

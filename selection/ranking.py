@@ -16,6 +16,7 @@ from stepstone.esm.data import Task
 from stepstone.esm.encoder import (
     DEFAULT_ENCODER,
     Encoder,
+    EncoderIdentity,
     EncoderMismatchError,
     load_encoder,
 )
@@ -35,14 +36,14 @@ from stepstone.selection.gain import (
     model_summary,
     recommend,
 )
-from stepstone.selection.index import first_stage
+from stepstone.selection.index import first_stage_ids
 from stepstone.selection.scorers import Scorer, check_label_kind, check_options, get_scorer
 from stepstone.selection.target import Target
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TARGET = 1000
-SKIPPED_SHOWN = 10  # skipped ESMs listed below the table (--json lists all)
+SKIPPED_SHOWN = 10  # more skipped ESMs are summarised by reason (--json lists all)
 DEFAULT_EXIT_THRESHOLD = 0.98
 
 
@@ -211,13 +212,13 @@ class Ranking:
         if self.target_split:
             lines.append(f"target split: scored on the training rows; test split: "
                          f"{self.target_split}")
-        if self.skipped:
+        if len(self.skipped) > SKIPPED_SHOWN:
+            lines.append(f"{len(self.skipped)} ESM(s) not ranked (each with its reason under "
+                         "'skipped' in --json):")
+            lines += [f"  {line}" for line in skipped_summary(self.skipped)]
+        elif self.skipped:
             lines.append(f"{len(self.skipped)} ESM(s) not ranked:")
-            shown = list(self.skipped.items())[:SKIPPED_SHOWN]
-            lines += [f"  {esm_id}: {why}" for esm_id, why in shown]
-            if len(self.skipped) > len(shown):
-                lines.append(f"  ... and {len(self.skipped) - len(shown)} more (all under "
-                             "'skipped' in --json)")
+            lines += [f"  {esm_id}: {why}" for esm_id, why in self.skipped.items()]
         leaks = {k: v for k, v in self.leakage.items() if "unknown" not in v}
         if leaks:
             lines.append(f"WARNING: {len(leaks)} source(s) share texts with the target "
@@ -290,6 +291,22 @@ class Ranking:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+
+def skipped_summary(skipped: dict[str, str], *, examples: int = 3) -> list[str]:
+    """One line per kind of reason in ``Ranking.skipped`` (another encoder, the
+    target's own data, each filter rule), most frequent first: how many, a few ids,
+    and the first one's full reason."""
+    groups: dict[str, list[str]] = {}
+    for esm_id, why in skipped.items():
+        kind = why.split(" (")[0] if why.startswith("filtered out") else \
+            why.split(":")[0].split(" (")[0]
+        groups.setdefault(kind, []).append(esm_id)
+    lines = []
+    for kind, ids in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(ids[:examples]) + (", ..." if len(ids) > examples else "")
+        lines.append(f"{len(ids)} {kind}: {shown} (e.g. {ids[0]}: {skipped[ids[0]]})")
+    return lines
 
 
 #: Ties: scores equal to within this relative tolerance share a rank mark ('=').
@@ -392,35 +409,58 @@ def _gain_cell(row: RankedSource) -> str:
             f"[{row.gain_low:+6.2f}, {row.gain_high:+6.2f}]")
 
 
-def _gains(gain: bool | str | Path | GainModel, *, method: str, reg: Registry,
-           task: Task, prepared: Target, entries: list[RegistryEntry],
-           scores: dict[str, float], reference: float | None, encoder: Encoder,
-           scorer: Scorer, cache: EmbeddingCache | None, min_gain: float
-           ) -> tuple[dict[str, dict[str, float]], dict[str, GainPrediction], Recommendation]:
-    """The gain model's inputs, predictions and recommendation for one ranking. A
-    model that does not apply (another method, encoder or protocol; an unreadable
-    file) yields an ``unavailable`` recommendation that says why, and no numbers.
-
-    A target larger than the model's calibration targets is scored again on a
-    stratified sample of that size for the features (LogME evidence moves with the
-    number of examples); the ranking's own scores are untouched."""
+def _gain_model(gain: bool | str | Path | GainModel, *, method: str, encoder: Encoder
+                ) -> tuple[GainModel | None, Recommendation | None]:
+    """The gain model that applies to a ranking by ``method`` with ``encoder``, or None
+    and the ``unavailable`` recommendation that says why (another method, encoder or
+    protocol; an unreadable file)."""
     if method != FEATURE_METHOD:
-        return {}, {}, Recommendation("unavailable", reason=(
+        return None, Recommendation("unavailable", reason=(
             f"the gain model reads {FEATURE_METHOD} scores; this ranking is by {method!r}"))
-    tx = get_scorer("textemb").score(prepared, reg, entries)
-    signals = {"textemb": dict(tx.values)}
     try:
         model = gain if isinstance(gain, GainModel) else load_gain_model(
             None if gain is True else gain)
     except GainModelError as err:
-        return signals, {}, Recommendation("unavailable", reason=str(err))
+        return None, Recommendation("unavailable", reason=str(err))
     ident = encoder.identity
     why = model.mismatch({"name": ident.name, "fingerprint": ident.fingerprint,
                           "pooling": ident.pooling, "max_length": ident.max_length,
                           "layer": ident.layer}, method)
-    summary = model_summary(model)
     if why is not None:
-        return signals, {}, Recommendation("unavailable", reason=why, model=summary)
+        return None, Recommendation("unavailable", reason=why, model=model_summary(model))
+    return model, None
+
+
+def _gain_sample(model: GainModel | None, task: Task, prepared: Target, encoder: Encoder,
+                 cache: EmbeddingCache | None) -> Target | None:
+    """The stratified sample of the target the gain model's features are scored on, when
+    the target is larger than the model's calibration targets (LogME evidence moves with
+    the number of examples); else None."""
+    fitted_n = None if model is None else model_summary(model).get("target_max_train")
+    if not fitted_n or prepared.n <= fitted_n:
+        return None
+    return prepare_target(task, encoder, max_examples=fitted_n, cache=cache, progress=False)
+
+
+def _gains(model: GainModel | None, unavailable: Recommendation | None, *, method: str,
+           reg: Registry, prepared: Target, entries: list[RegistryEntry],
+           scores: dict[str, float], reference: float | None, scorer: Scorer,
+           sample: Target | None, sample_scores: dict[str, float] | None, min_gain: float
+           ) -> tuple[dict[str, dict[str, float]], dict[str, GainPrediction], Recommendation]:
+    """The gain model's inputs, predictions and recommendation for one ranking
+    (``model`` and ``unavailable`` from :func:`_gain_model`): a model that does not
+    apply yields its ``unavailable`` recommendation, and no numbers.
+
+    With a ``sample`` (:func:`_gain_sample`) the features come from the candidates'
+    scores on it (``sample_scores``, scored in the same pass as the ranking's own; None:
+    scored here); the ranking's scores and ``signals`` stay those of the whole target."""
+    if method != FEATURE_METHOD:
+        return {}, {}, unavailable
+    tx = get_scorer("textemb").score(prepared, reg, entries)
+    signals = {"textemb": dict(tx.values)}
+    if model is None:
+        return signals, {}, unavailable
+    summary = model_summary(model)
     by_id = {e.id: e for e in entries}
     usable = {k: v for k, v in scores.items() if k in tx.values}
     if reference is None or not usable:
@@ -428,14 +468,13 @@ def _gains(gain: bool | str | Path | GainModel, *, method: str, reg: Registry,
                                            "scores the gain model reads", model=summary)
     notes = []
     fitted_n = summary.get("target_max_train")
-    if fitted_n and prepared.n > fitted_n:
-        sub = prepare_target(task, encoder, max_examples=fitted_n, cache=cache,
-                             progress=False)
-        # features only: the ranking's scores and `signals` stay those of the whole target
-        usable = scorer.score(sub, reg, [by_id[k] for k in usable]).values
-        reference = sub.base_logme()
-        tx = get_scorer("textemb").score(sub, reg, entries)
-        notes.append(f"predicted from a {sub.n}-example sample of the target, the size "
+    if sample is not None:
+        if sample_scores is None:
+            sample_scores = scorer.score(sample, reg, [by_id[k] for k in usable]).values
+        usable = {k: v for k, v in sample_scores.items() if k in usable}
+        reference = sample.base_logme()
+        tx = get_scorer("textemb").score(sample, reg, entries)
+        notes.append(f"predicted from a {sample.n}-example sample of the target, the size "
                      f"the model's gains were measured at")
     elif fitted_n and prepared.n < fitted_n / 2:
         notes.append(f"calibrated on targets of {fitted_n} training examples; this one has "
@@ -460,23 +499,40 @@ def _overlap_text(v: dict[str, Any]) -> str:
             f"{v['normalised']} after normalising case and white space)")
 
 
-def _is_target(registry: Registry, entry: RegistryEntry, task: Task) -> bool:
-    """Whether ``entry`` was built from the target's own data: the same data hash, or the
-    same built-in task (never a name alone: two files named train.csv are two tasks)."""
-    try:
-        config = registry.config(entry.id)
-    except (StepstoneError, OSError):
-        return False  # unreadable: the scorer reports it among the errors
-    if config.task_data_hash and config.task_data_hash == task.data_hash():
-        return True
-    builtin = task.spec.get("builtin")
-    if builtin is None or config.task_id != builtin:
-        return False
-    if config.task_spec:
-        return config.task_spec.get("builtin") == builtin
-    # built before specs were recorded: a built-in task's origin is 'PACKAGE VERSION: PATH'
-    origin = config.task_origin
-    return ": " in origin and not origin.startswith(("hub:", "hfselect"))
+class _OwnData:
+    """Whether an ESM was built from the target's own data: the same data hash, or the
+    same built-in task (never a name alone: two files named train.csv are two tasks).
+    Reads an ESM's config once, and hashes the target's data once per ranking."""
+
+    def __init__(self, registry: Registry, task: Task) -> None:
+        self.registry, self.task = registry, task
+        self.builtin = task.spec.get("builtin")
+        self._hash: str | None = None
+        self._known: dict[str, bool] = {}
+
+    def __call__(self, esm_id: str) -> bool:
+        if esm_id not in self._known:
+            self._known[esm_id] = self._check(esm_id)
+        return self._known[esm_id]
+
+    def _check(self, esm_id: str) -> bool:
+        try:
+            config = self.registry.config(esm_id)
+        except (StepstoneError, OSError):
+            return False  # unreadable: the scorer reports it among the errors
+        if config.task_data_hash:
+            if self._hash is None:
+                self._hash = self.task.data_hash()
+            if config.task_data_hash == self._hash:
+                return True
+        if self.builtin is None or config.task_id != self.builtin:
+            return False
+        if config.task_spec:
+            return config.task_spec.get("builtin") == self.builtin
+        # built before specs were recorded: a built-in task's origin is 'PACKAGE VERSION:
+        # PATH'
+        origin = config.task_origin
+        return ": " in origin and not origin.startswith(("hub:", "hfselect"))
 
 
 def registry_encoder(reg: Registry, name: str | None = None, *, pooling: str | None = None,
@@ -503,29 +559,47 @@ def registry_encoder(reg: Registry, name: str | None = None, *, pooling: str | N
     return encoder
 
 
-def _candidates(registry: Registry, target: Target, task: Task, *, exclude_target: bool
-                ) -> tuple[list[RegistryEntry], dict[str, str], int, list[str]]:
-    """The ESMs to score, and why each other one is skipped: ``(candidates, skipped,
-    number made for another encoder, ids built from the target's own data)``."""
+_OWN_DATA = "built from the target's own data (same data hash); --include-target keeps it"
+
+
+def _encoder_skip_reason(enc: EncoderIdentity, target: EncoderIdentity) -> str:
+    diffs = enc.mismatches(target)
+    return (f"made for another encoder: {enc.name!r} differs in "
+            + ", ".join(f"{f} ({getattr(enc, f)!r} vs {getattr(target, f)!r})" for f in diffs)
+            + ("" if enc.fingerprint else
+               "; the ESM records no weights fingerprint and its encoder is not installed "
+               "(re-import it with that encoder)"))
+
+
+def _candidates(registry: Registry, target: Target) -> tuple[list[str], dict[str, str]]:
+    """The ids of the ESMs made for the target's encoder (ordered as
+    :meth:`Registry.entries`), and why each other one is skipped. Rows are selected in
+    SQL by their encoder configuration: nothing is read per row."""
+    known = registry.encoders()
+    same = [k for k in known if not k.mismatches(target.encoder)]
     skipped: dict[str, str] = {}
-    matching, own = [], []
-    for e in registry.entries():
-        diffs = e.encoder_identity.mismatches(target.encoder)
-        if diffs:
-            enc = e.encoder_identity
-            skipped[e.id] = (f"made for another encoder: {enc.name!r} differs in "
-                             + ", ".join(f"{f} ({getattr(enc, f)!r} vs "
-                                         f"{getattr(target.encoder, f)!r})" for f in diffs)
-                             + ("" if enc.fingerprint else
-                                "; the ESM records no weights fingerprint and its encoder "
-                                "is not installed (re-import it with that encoder)"))
-        elif exclude_target and _is_target(registry, e, task):
-            own.append(e.id)
-            skipped[e.id] = ("built from the target's own data (same data hash); "
-                             "--include-target keeps it")
-        else:
-            matching.append(e)
-    return matching, skipped, len(skipped) - len(own), own
+    for enc in known:
+        if enc not in same:
+            why = _encoder_skip_reason(enc, target.encoder)
+            skipped.update((i, why) for i in registry.ids(encoders=[enc]))
+    return (registry.ids(encoders=same) if same else []), skipped
+
+
+def _first_stage_without_own(registry: Registry, target: Target, candidates: list[str],
+                             k: int, own_data: _OwnData | None) -> tuple[list[str], list[str]]:
+    """The first stage's ``k`` best among ``candidates`` that were not built from the
+    target's own data, and the own ones it met on the way: only the kept candidates'
+    configs are read (the own ones are searched past, as if excluded beforehand)."""
+    own: list[str] = []
+    while True:
+        kept = first_stage_ids(registry, target.X, target.labels, candidates, k,
+                               label_kind=target.label_kind)
+        found = [i for i in kept if own_data is not None and own_data(i)]
+        if not found:
+            return kept, own
+        own += found
+        drop = set(found)
+        candidates = [i for i in candidates if i not in drop]
 
 
 def _check_encoder(reg: Registry, encoder: Encoder) -> None:
@@ -669,7 +743,9 @@ def rank(
         The method's own options (``k`` for knn, ``seed`` for random, ...).
     exclude_target : bool
         Leave out ESMs built from the target's own data (same data hash, or the same
-        built-in task); they are listed in ``Ranking.skipped``.
+        built-in task); they are listed in ``Ranking.skipped``. With ``prefilter``, only
+        the kept candidates' configs are read (and those under the target's names): an
+        own ESM the first stage never reaches is cut with the rest, unlisted.
     check_leakage : bool
         Count the target texts each source holds (exact and normalised matches;
         :mod:`stepstone.esm.leakage`) into ``Ranking.leakage``.
@@ -727,21 +803,53 @@ def rank(
     prepared = prepare_target(task, encoder, max_examples=max_examples, cache=emb_cache,
                               progress=progress)
     timings["embed"] = time.perf_counter() - t1
-    entries, skipped, other_encoder, own = _candidates(reg, prepared, task,
-                                                        exclude_target=exclude_target)
-    narrowed = filter_entries(reg, entries, filters)
-    entries = narrowed.kept
-    skipped.update(narrowed.filtered)
+    t2 = time.perf_counter()
+    ids, skipped = _candidates(reg, prepared)
+    other_encoder = len(skipped)
+    own_data = _OwnData(reg, task) if exclude_target else None
+    own: list[str] = []
+    if own_data is not None:
+        # Every candidate's config is read when every candidate is scored or filtered
+        # anyway; with a first stage alone, only the rows under the target's names and
+        # then the kept candidates' (own ESMs are searched past, as if excluded first).
+        check_all = prefilter is None or bool(filters)
+        likely = None if check_all else set(reg.ids(
+            task_ids=sorted({task.task_id, own_data.builtin} - {None})))
+        own = [i for i in ids if (likely is None or i in likely) and own_data(i)]
+        drop = set(own)
+        ids = [i for i in ids if i not in drop]
+    narrowed = filter_entries(reg, reg.entries_for(ids), filters) if filters else None
+    if narrowed is not None:
+        ids = [e.id for e in narrowed.kept]
+    timings["candidates"] = time.perf_counter() - t2
     t2 = time.perf_counter()
     if prefilter is not None:
         # The K best candidates of the ESM sketch index, searched among the candidates
         # only (issue 18: it used to keep K + 1 nearest of all, then cut by name).
-        entries = first_stage(reg, prepared.X, prepared.labels, entries, prefilter,
-                              label_kind=prepared.label_kind)
+        ids, late = _first_stage_without_own(reg, prepared, ids, prefilter,
+                                             own_data if not filters else None)
+        own += late
+    entries = reg.entries_for(ids)
+    skipped.update((i, _OWN_DATA) for i in own)
+    if narrowed is not None:
+        skipped.update(narrowed.filtered)
     timings["prefilter"] = time.perf_counter() - t2
     _check_kept_models(scorer, reg, entries)
+    t5 = time.perf_counter()
+    gain_model, unavailable, sample = None, None, None
+    if gain is not False:
+        gain_model, unavailable = _gain_model(gain, method=method, encoder=encoder)
+        sample = _gain_sample(gain_model, task, prepared, encoder, emb_cache)
+    gain_seconds = time.perf_counter() - t5
     t3 = time.perf_counter()
-    scores = scorer.score(prepared, reg, entries, progress=progress)
+    sample_scores = None
+    if sample is not None and entries and hasattr(scorer, "score_targets"):
+        # the gain features' sample is scored in the same pass: each ESM is read once
+        scores, on_sample = scorer.score_targets([prepared, sample], reg, entries,
+                                                 progress=progress)
+        sample_scores = on_sample.values
+    else:
+        scores = scorer.score(prepared, reg, entries, progress=progress)
     timings["score"] = time.perf_counter() - t3
     reference = prepared.base_logme() if "logme" in method else None
     by_id = {e.id: e for e in entries}
@@ -751,10 +859,10 @@ def rank(
     if gain is not False:  # from every candidate's score, before `top` cuts rows
         t5 = time.perf_counter()
         signals, predictions, recommendation = _gains(
-            gain, method=method, reg=reg, task=task, prepared=prepared, entries=entries,
-            scores=scores.values, reference=reference, encoder=encoder, scorer=scorer,
-            cache=emb_cache, min_gain=min_gain)
-        timings["gain"] = time.perf_counter() - t5
+            gain_model, unavailable, method=method, reg=reg, prepared=prepared,
+            entries=entries, scores=scores.values, reference=reference, scorer=scorer,
+            sample=sample, sample_scores=sample_scores, min_gain=min_gain)
+        timings["gain"] = gain_seconds + time.perf_counter() - t5
     ordered = sorted(scores.values.items(), key=lambda kv: (-kv[1], by_id[kv[0]].task_id))
     tied = _tied([s for _, s in ordered])  # before `top`: a cut row can tie a shown one
     if top is not None:
@@ -782,7 +890,7 @@ def rank(
         "skipped_other_encoder": other_encoder, "exclude_target": exclude_target,
         "excluded_target": own, "encoder_fingerprint": encoder.identity.fingerprint,
         "filters": filters.to_dict() if filters else None,
-        "filtered_out": narrowed.counts(),
+        "filtered_out": narrowed.counts() if narrowed is not None else {},
         **scorer.settings(),
     }
     return Ranking(task.task_id, method, rows, scores.errors, reference, settings,

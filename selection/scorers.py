@@ -107,38 +107,52 @@ class ESMLogME(Scorer):
     Affine ESMs (linear, low-rank) are scored in batches of ``chunk`` from the
     target's shared SVD without materialising the mapped embeddings; other
     architectures are mapped and scored one by one. ``approx_rank`` keeps only the
-    target's top principal directions (faster, approximate).
+    target's top principal directions (faster, approximate). ``n_jobs`` threads
+    share the affine maps (None: ``$STEPSTONE_THREADS``, else every available CPU);
+    the scores do not depend on it.
     """
 
     name = "esm-logme"
     uses_esm = True
-    options = ("approx_rank", "chunk", "prefilter", "layer")
+    options = ("approx_rank", "chunk", "n_jobs", "prefilter", "layer")
 
-    def __init__(self, *, approx_rank: int | None = None, chunk: int = 64) -> None:
+    def __init__(self, *, approx_rank: int | None = None, chunk: int = 64,
+                 n_jobs: int | None = None) -> None:
         if approx_rank is not None and approx_rank < 1:
             raise ConfigError(f"'approx_rank' must be a positive int or None; got {approx_rank}.")
         if chunk < 1:
             raise ConfigError(f"'chunk' must be >= 1; got {chunk}.")
-        self.approx_rank, self.chunk = approx_rank, chunk
+        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int)
+                                   or n_jobs < 1):
+            raise ConfigError(f"'n_jobs' must be a positive int or None; got {n_jobs!r}.")
+        self.approx_rank, self.chunk, self.n_jobs = approx_rank, chunk, n_jobs
 
     def settings(self) -> dict:
         return {"approx_rank": self.approx_rank, "chunk": self.chunk}
 
     def score(self, target, registry, entries, *, progress=False) -> Scores:
-        out = Scores()
+        return self.score_targets([target], registry, entries, progress=progress)[0]
+
+    def score_targets(self, targets: list[Target], registry: Registry,
+                      entries: list[RegistryEntry], *, progress: bool = False) -> list[Scores]:
+        """:meth:`score` for several targets embedded by one encoder (a target and a
+        sample of it), reading each ESM once; one :class:`Scores` per target."""
+        outs = [Scores() for _ in targets]
         bar = tqdm(total=len(entries), desc="ESM-LogME", unit="ESM", disable=not progress,
                    leave=False)
         for start in range(0, len(entries), self.chunk):
             loaded = {}
             for entry in entries[start:start + self.chunk]:
                 try:
-                    loaded[entry.id] = _load(registry, entry, target)
+                    loaded[entry.id] = _load(registry, entry, targets[0])
                 except _PER_ESM_ERRORS as err:
-                    out.errors[entry.id] = f"{type(err).__name__}: {err}"
-            out.update(self.score_maps(target, loaded))
+                    for out in outs:
+                        out.errors[entry.id] = f"{type(err).__name__}: {err}"
+            for out, target in zip(outs, targets, strict=True):
+                out.update(self.score_maps(target, loaded))
             bar.update(min(self.chunk, len(entries) - start))
         bar.close()
-        return out
+        return outs
 
     def score_maps(self, target: Target, esms: dict[str, EmbeddingSpaceMap]) -> Scores:
         """Score in-memory ESMs (keyed by id) on ``target``.
@@ -156,7 +170,7 @@ class ESMLogME(Scorer):
             if esm.config.architecture in AFFINE_ARCHITECTURES:
                 pending.append((esm_id, esm))
                 if len(pending) == self.chunk:
-                    out.update(_score_affine(basis, pending))
+                    out.update(_score_affine(basis, pending, self.n_jobs))
                     pending = []
                 continue
             try:  # non-affine maps: materialise this one map's output, score, drop it
@@ -169,15 +183,16 @@ class ESMLogME(Scorer):
             except _PER_ESM_ERRORS as err:
                 out.errors[esm_id] = f"{type(err).__name__}: {err}"
         if pending:
-            out.update(_score_affine(basis, pending))
+            out.update(_score_affine(basis, pending, self.n_jobs))
         return out
 
 
-def _score_affine(basis: TargetBasis, esms: list[tuple[str, EmbeddingSpaceMap]]) -> Scores:
+def _score_affine(basis: TargetBasis, esms: list[tuple[str, EmbeddingSpaceMap]],
+                  n_jobs: int | None) -> Scores:
     out = Scores()
     pairs = [esm.affine() for _, esm in esms]
     scores = logme_linear_maps(basis, np.stack([w for w, _ in pairs]),
-                               np.stack([b for _, b in pairs]))
+                               np.stack([b for _, b in pairs]), n_jobs=n_jobs)
     for (esm_id, _), value in zip(esms, scores, strict=True):
         if np.isfinite(value):
             out.values[esm_id] = float(value)

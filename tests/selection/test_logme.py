@@ -310,6 +310,61 @@ def test_linear_maps_threads_batches_and_regression() -> None:
     assert logme_linear_maps(basis, W[:0], b[:0]).shape == (0,)
 
 
+@pytest.mark.parametrize(("n", "d", "d_out", "k"), [
+    (60, 12, 12, 3),  # (d_out, d_out) side, square triangular loadings
+    (60, 12, 20, 2),  # (r, r) side
+    (15, 30, 10, 4),  # n < d: trapezoidal loadings
+    (40, 6, 1, 2),  # one output dimension: a 1 x 1 eigenproblem
+])
+def test_threads_and_chunking_do_not_change_scores(n: int, d: int, d_out: int, k: int) -> None:
+    X, labels = informative(n, d, k=k, seed=21)
+    rng = np.random.default_rng(22)
+    W = rng.standard_normal((9, d_out, d)) / math.sqrt(d)
+    b = rng.standard_normal((9, d_out))
+    basis = TargetBasis(X, labels)
+    # The single-threaded reference: one thread, all maps in one batch.
+    serial = evidence_linear_maps(basis, W, b, n_jobs=1, batch_size=9)
+    np.testing.assert_allclose(serial, _explicit(X, labels, W, b), rtol=1e-6)
+    for n_jobs, batch_size in [(2, 1), (2, 4), (3, 2), (1, 1), (4, 9)]:
+        got = evidence_linear_maps(basis, W, b, n_jobs=n_jobs, batch_size=batch_size)
+        np.testing.assert_allclose(got, serial, rtol=1e-9, atol=0)
+    # Splitting the maps between calls (as the scorer's chunks do) changes nothing either.
+    parts = np.concatenate([evidence_linear_maps(basis, W[i:i + 4], b[i:i + 4])
+                            for i in range(0, 9, 4)])
+    np.testing.assert_allclose(parts, serial, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 40])
+def test_gram_spectrum_equals_full_eigendecomposition(m: int) -> None:
+    from scipy.linalg import blas
+
+    from stepstone.selection.logme_maps import _gram_spectrum
+
+    rng = np.random.default_rng(m)
+    N = rng.standard_normal((m, m + 3)) * np.geomspace(1, 1e-4, m)[:, None]
+    x = rng.standard_normal((m, 3))
+    s, E = np.linalg.eigh(N @ N.T)
+    got_s, got_proj = _gram_spectrum(blas.dsyrk(1.0, N, lower=1), x)
+    np.testing.assert_allclose(got_s, s, rtol=1e-12, atol=1e-12 * s.max())
+    # Eigenvectors are defined up to sign: compare |E^T x|.
+    np.testing.assert_allclose(np.abs(got_proj), np.abs(E.T @ x), rtol=1e-9, atol=1e-12)
+
+
+def test_thread_count_from_argument_or_environment(monkeypatch) -> None:
+    from stepstone.selection.logme_maps import THREADS_ENV, default_n_jobs
+
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert default_n_jobs() == 3
+    monkeypatch.setenv(THREADS_ENV, "0")
+    with pytest.raises(ValueError, match=r"\$STEPSTONE_THREADS must be a positive integer"):
+        default_n_jobs()
+    monkeypatch.delenv(THREADS_ENV)
+    assert default_n_jobs() >= 1
+    X, labels = informative(20, 5)
+    with pytest.raises(ValueError, match="'n_jobs' must be None or a positive integer"):
+        logme_linear_maps(TargetBasis(X, labels), np.ones((2, 3, 5)), n_jobs=0)
+
+
 def test_low_rank_approximation() -> None:
     rng = np.random.default_rng(14)
     n, d = 80, 20

@@ -233,7 +233,7 @@ def test_each_method_declares_its_constructor_options():
     ("random", {"layer": 1}, "method 'random' does not take 'layer'; it takes: seed, prefilter."),
     ("source-logme", {"layer": "auto"}, "method 'source-logme' does not take 'layer'"),
     ("esm-logme", {"scorer_options": {"k": 3}},
-     "method 'esm-logme' does not take 'k'; it takes: approx_rank, chunk."),
+     "method 'esm-logme' does not take 'k'; it takes: approx_rank, chunk, n_jobs."),
     ("esm-logme", {"scorer_options": {"prefilter": 3}}, "does not take 'prefilter'"),
     ("no-such", {}, "'method' must be one of"),
     ("esm-logme", {"top": 0}, "'top' must be an int >= 1 or None; got 0."),
