@@ -166,12 +166,19 @@ def test_settings_errors_are_config_errors(tiny_model_dir):
 
 def test_benchmark_uses_the_cli_option_builder():
     """One dataclass->argparse builder (stepstone.cli.add_config_args) for every caller."""
+    import os
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    builders = [p.relative_to(root).as_posix()
-                for folder in ("benchmarks", "esm", "selection", "finetune", "stepstone")
-                for p in sorted((root / folder).rglob("*.py"))
+    sources = []
+    for folder in ("benchmarks", "esm", "selection", "finetune", "stepstone"):
+        for here, dirs, files in os.walk(root / folder):
+            # benchmarks/work and .envs hold run outputs and other packages, not ours
+            dirs[:] = sorted(d for d in dirs if d not in ("work", "__pycache__")
+                             and not d.startswith("."))
+            sources += [Path(here) / f for f in sorted(files) if f.endswith(".py")]
+    assert len(sources) > 50
+    builders = [p.relative_to(root).as_posix() for p in sources
                 if "dataclasses.fields(" in (text := p.read_text()) and "add_argument(" in text]
     assert builders == ["stepstone/cli.py"]
 

@@ -37,13 +37,17 @@ def _installed(package: str) -> bool:
     return catalog.package_dir(package) is not None
 
 
-def _task_param(task_id: str, *marks):
+# Loading a built-in task takes ~1-3 s and all of them ~20 s: `make test-fast` runs the
+# per-task tests of two small ones, `make test` (and CI) those of every task.
+FAST_TASKS = ("sms_spam", "trec6")
+
+
+def _task_param(task_id: str):
     package = CATALOG[task_id].package
-    return pytest.param(
-        task_id, id=task_id,
-        marks=[pytest.mark.skipif(not _installed(package), reason=f"{package} not installed"),
-               *marks],
-    )
+    marks = [pytest.mark.skipif(not _installed(package), reason=f"{package} not installed")]
+    if task_id not in FAST_TASKS:
+        marks.append(pytest.mark.heavy)
+    return pytest.param(task_id, id=task_id, marks=marks)
 
 
 def _class_of_text(task) -> dict[str, str]:
@@ -53,11 +57,7 @@ def _class_of_text(task) -> dict[str, str]:
             for text, label in zip(task.train.texts + task.test.texts, labels, strict=True)}
 
 
-# Loading every built-in task takes ~20 s: `make test-fast` checks two small ones, `make
-# test` (and CI) all of them.
-FAST_TASKS = ("sms_spam", "trec6")
-ALL_TASKS = [_task_param(t, *(() if t in FAST_TASKS else (pytest.mark.heavy,)))
-             for t in CATALOG]
+ALL_TASKS = [_task_param(t) for t in CATALOG]
 PAIR_TASKS = {"boolq"}
 
 
@@ -402,6 +402,7 @@ def test_no_corpus_supplies_more_than_the_cap():
     assert "builtin:nyt_sentiment" in expand_specs("nyt_sentiment")
 
 
+@pytest.mark.heavy  # loads every task
 def test_catalog_is_wide_enough_when_every_package_is_installed():
     ids = _available_ids()
     corpora = {c for t in ids for c in CATALOG[t].corpora}

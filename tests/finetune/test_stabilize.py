@@ -391,6 +391,7 @@ def test_a_switched_off_stabiliser_is_the_plain_run(tiny_encoder, small_task, kw
         assert torch.equal(a, b), name
 
 
+@pytest.mark.heavy  # kills and resumes five runs: `make test`, not test-fast
 @pytest.mark.parametrize("kwargs,every", [
     (dict(kind="swa", swa_every=5), 5),   # killed before SWA starts (step 6)
     (dict(kind="swa", swa_every=5), 7),   # killed with an average and SWALR running
