@@ -212,8 +212,8 @@ def build_variants(work: Path, gt: GroundTruth, encoder, *, lowrank: int, cache=
     proto = gt.protocol
     rank_ = min(lowrank, encoder.dim)
     for e in s0.entries():
-        if not e.encoder_identity.matches(encoder.identity):
-            continue  # early-exit ESMs have no variants here
+        if not e.encoder_identity.matches(encoder.identity) or e.task_id not in gt.specs:
+            continue  # early-exit ESMs have no variants here; nor sources left out (--tasks)
         profile = s0.profile(e.id)
         fp16_key = f"fp16-{e.settings_key}"
         if half.find(fp16_key) is None:
