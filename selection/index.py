@@ -41,6 +41,7 @@ from stepstone.selection.sketch import (
     sketch_maps,
     target_query,
 )
+from stepstone.selection.threads import single_threaded_blas
 
 logger = logging.getLogger(__name__)
 
@@ -347,11 +348,8 @@ def _affine_maps(registry: Registry, entries: list[RegistryEntry]
 
 
 def _sketch_into(index: SketchIndex, registry: Registry, entries: list[RegistryEntry]) -> int:
-    from threadpoolctl import threadpool_limits
-
-    # One BLAS thread: a sketch is one small matrix product per map, and handing each
-    # to two threads made it 13x slower on a busy 2-core machine (20 ms vs 1.5 ms a map).
-    with threadpool_limits(1):
+    # One BLAS thread: a sketch is one small matrix product per map (see threads).
+    with single_threaded_blas():
         return _sketch_batches(index, registry, entries)
 
 
@@ -395,9 +393,7 @@ def build_sketch_index(registry: Registry, *, rank: int = DEFAULT_SKETCH_RANK,
         dim = entries[0].in_dim if entries else 1
         basis = SketchBasis(np.eye(dim + 1, min(rank, dim + 1)), np.eye(min(rank, dim + 1)))
     else:
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(1):  # per-map products: see _sketch_into (4x faster here)
+        with single_threaded_blas():  # per-map products: see _sketch_into
             basis = fit_sketch_basis(W, b, rank=rank)
     del W, b
     index = SketchIndex(basis)
@@ -516,9 +512,7 @@ def first_stage_ids(registry: Registry, features: np.ndarray, labels: np.ndarray
     held = [i for i in esm_ids if i in in_index]
     best: list[tuple[str, float]] = []
     if held and features.shape[1] == index.basis.in_dim:
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(1):  # small factorisations: see _sketch_into (1 s vs 0.1 s)
+        with single_threaded_blas():  # small factorisations: see _sketch_into
             query = index.query(features, labels, label_kind=label_kind)
         # every indexed ESM a candidate (no filter, no exclusion): no id selector needed
         pool = [i for i, _ in index.search(

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -38,13 +35,18 @@ from stepstone.selection.nogil_lapack import (
     eigvals_tridiagonal,
     tridiagonalize,
 )
+from stepstone.selection.threads import (
+    THREADS_ENV,
+    check_n_jobs,
+    default_n_jobs,
+    map_chunks,
+    single_threaded_blas,
+)
 
 logger = logging.getLogger(__name__)
 
 _EPS = float(np.finfo(np.float64).eps)
 
-# Environment variable with the default thread count (see default_n_jobs).
-THREADS_ENV = "STEPSTONE_THREADS"
 # Most target columns (classes) for which the tridiagonal route beats eigenvectors.
 _TRIDIAGONAL_MAX_K = 32
 
@@ -172,64 +174,6 @@ def _maps_tridiagonal(
     return _cut(s, r, d_out), diag, off, c
 
 
-def _available_cpus() -> int:
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # not on Linux
-        return max(os.cpu_count() or 1, 1)
-
-
-def default_n_jobs() -> int:
-    """Threads ESM-LogME uses when ``n_jobs`` is None: ``$STEPSTONE_THREADS`` if set,
-    else every CPU this process may run on."""
-    value = os.environ.get(THREADS_ENV, "").strip()
-    if not value:
-        return _available_cpus()
-    try:
-        jobs = int(value)
-    except ValueError:
-        jobs = 0
-    if jobs < 1:
-        raise ValueError(f"${THREADS_ENV} must be a positive integer; got {value!r}.")
-    return jobs
-
-
-def _check_n_jobs(n_jobs: int | None) -> int:
-    if n_jobs is None:
-        return default_n_jobs()
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int | np.integer) or n_jobs < 1:
-        raise ValueError(f"'n_jobs' must be None or a positive integer; got {n_jobs!r}.")
-    return int(n_jobs)
-
-
-@contextmanager
-def _single_threaded_blas() -> Iterator[None]:
-    """BLAS (numpy's and scipy's) limited to one thread, process wide, meanwhile.
-
-    One map's matrices are too small for BLAS threads to pay, and BLAS threads on top
-    of ours (or of a busy machine) oversubscribe the cores: OpenBLAS's spin-waiting
-    then makes a map tens of times slower.
-    """
-    # scipy's own BLAS must be loaded before the limit, or it is not limited.
-    import scipy.linalg  # noqa: F401  (comes with scikit-learn)
-    from threadpoolctl import threadpool_limits  # comes with scikit-learn
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-def _map_chunks(
-    fn: Callable[[slice], np.ndarray], n_items: int, chunk: int, n_jobs: int
-) -> list[np.ndarray]:
-    """``fn`` over consecutive slices of ``chunk`` items, on ``n_jobs`` threads."""
-    slices = [slice(i, min(i + chunk, n_items)) for i in range(0, n_items, chunk)]
-    if n_jobs <= 1 or len(slices) <= 1:
-        return [fn(sl) for sl in slices]
-    # BLAS and LAPACK release the GIL, so the maps really run in parallel.
-    with ThreadPoolExecutor(max_workers=min(n_jobs, len(slices))) as pool:
-        return list(pool.map(fn, slices))
-
-
 def evidence_linear_maps(
     basis: TargetBasis,
     weights: np.ndarray,
@@ -278,7 +222,7 @@ def evidence_linear_maps(
         raise TypeError(f"'basis' must be a TargetBasis; got {type(basis).__name__}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"'batch_size' must be a positive integer; got {batch_size!r}.")
-    jobs = _check_n_jobs(n_jobs)
+    jobs = check_n_jobs(n_jobs)
     W, b = _check_maps(basis, weights, biases)
     n_maps, d_out = W.shape[0], W.shape[1]
     if n_maps == 0:
@@ -315,9 +259,9 @@ def evidence_linear_maps(
             ev[eigen] = spectrum_route(W[sl][eigen], b[sl][eigen])
         return ev
 
-    with _single_threaded_blas():
+    with single_threaded_blas():
         _ = basis.triangular  # computed once here, not raced for by the threads
-        return np.concatenate(_map_chunks(score, n_maps, chunk, jobs), axis=0)
+        return np.concatenate(map_chunks(score, n_maps, chunk, jobs), axis=0)
 
 
 def logme_linear_maps(

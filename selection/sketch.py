@@ -41,6 +41,7 @@ import numpy as np
 
 from stepstone.selection.logme import _targets, feature_spectrum
 from stepstone.selection.logme_evidence import logme_fixed_point, logme_from_spectrum
+from stepstone.selection.threads import single_threaded_blas
 
 __all__ = ["MIDDLE_STAGE_POOL", "SketchBasis", "fit_sketch_basis", "middle_stage_pool",
            "sketch_dim", "sketch_logme", "sketch_maps", "target_query"]
@@ -205,8 +206,6 @@ def sketch_logme(basis: SketchBasis, features: np.ndarray, labels: np.ndarray,
     features: (n, d) base embeddings; labels: (n,) as for :class:`LogME`;
     sketches: (B, q (q + 1) / 2) from :func:`sketch_maps` (or an index's stored vectors).
     """
-    from threadpoolctl import threadpool_limits
-
     X = np.asarray(features, np.float64)
     S = np.asarray(sketches)
     n = X.shape[0]
@@ -216,9 +215,8 @@ def sketch_logme(basis: SketchBasis, features: np.ndarray, labels: np.ndarray,
         raise ValueError(f"'sketches' must be (B, {basis.dim}); got {S.shape}.")
     Y, _ = _targets(labels, n, label_kind)
     out = np.empty(len(S))
-    # one BLAS thread: small factorisations (a 1000 x 48 SVD took 2 s with two threads on
-    # a busy 2-core machine, 0.1 s with one)
-    with threadpool_limits(1):
+    # one BLAS thread: small factorisations (see stepstone.selection.threads)
+    with single_threaded_blas():
         Xq = np.concatenate([X, np.ones((n, 1))], axis=1) @ basis.basis  # (n, q)
         U, d, Rt = np.linalg.svd(Xq, full_matrices=False)
         keep = d > d[0] * max(Xq.shape) * np.finfo(np.float64).eps
