@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from stepstone.esm.cache import EmbeddingCache
+from stepstone.esm.cache import EmbeddingCache, MemoryEmbeddingCache
 from stepstone.esm.data import Task
 from stepstone.esm.encoder import (
     DEFAULT_ENCODER,
@@ -381,7 +381,7 @@ def prepare_target(
     encoder: Encoder,
     *,
     max_examples: int | None = DEFAULT_MAX_TARGET,
-    cache: EmbeddingCache | None = None,
+    cache: EmbeddingCache | MemoryEmbeddingCache | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> Target:
@@ -432,7 +432,7 @@ def _gain_model(gain: bool | str | Path | GainModel, *, method: str, encoder: En
 
 
 def _gain_sample(model: GainModel | None, task: Task, prepared: Target, encoder: Encoder,
-                 cache: EmbeddingCache | None) -> Target | None:
+                 cache: EmbeddingCache | MemoryEmbeddingCache | None) -> Target | None:
     """The stratified sample of the target the gain model's features are scored on, when
     the target is larger than the model's calibration targets (LogME evidence moves with
     the number of examples); else None."""
@@ -800,7 +800,10 @@ def rank(
     # Not `cache or None`: an EmbeddingCache has a length, and an empty one is falsy.
     emb_cache = EmbeddingCache() if cache is True else (
         cache if isinstance(cache, EmbeddingCache) else None)
-    prepared = prepare_target(task, encoder, max_examples=max_examples, cache=emb_cache,
+    # Without the disk cache, an in-memory one for this call: the gain model's sample of
+    # the target (below) reads its vectors back instead of embedding them again.
+    target_cache = emb_cache if emb_cache is not None else MemoryEmbeddingCache()
+    prepared = prepare_target(task, encoder, max_examples=max_examples, cache=target_cache,
                               progress=progress)
     timings["embed"] = time.perf_counter() - t1
     t2 = time.perf_counter()
@@ -839,7 +842,7 @@ def rank(
     gain_model, unavailable, sample = None, None, None
     if gain is not False:
         gain_model, unavailable = _gain_model(gain, method=method, encoder=encoder)
-        sample = _gain_sample(gain_model, task, prepared, encoder, emb_cache)
+        sample = _gain_sample(gain_model, task, prepared, encoder, target_cache)
     gain_seconds = time.perf_counter() - t5
     t3 = time.perf_counter()
     sample_scores = None

@@ -179,3 +179,29 @@ def test_many_skipped_esms_are_summarised_by_reason():
     assert "far5" not in text and len(text.splitlines()) < 10
     few = str(Ranking("t", "random", [], skipped={"mine": _OWN_DATA}))
     assert f"1 ESM(s) not ranked:\n  mine: {_OWN_DATA}" in few
+
+
+def test_no_disk_cache_embeds_the_gain_sample_once_like_the_disk_cache(
+        tmp_path, tiny_encoder, target_task, monkeypatch):
+    """cache=False keeps the target's vectors in memory for the call: the gain model's
+    sample reads them back (nothing embedded twice), so its predictions equal those of
+    a run with the disk cache, bit for bit."""
+    from stepstone.esm.cache import EmbeddingCache
+
+    reg = _registry(tmp_path, tiny_encoder.identity, 4)
+    model = GainModel(mean_=[0.0, 0.0, 0.3, 1.5], scale_=[0.05, 1.0, 0.2, 0.1],
+                      coef_=[3.0, 0.4, -1.5, -0.2], intercept_=-0.5,
+                      residual_quantiles_=(-9.0, 8.0), targets_=["a", "b", "c"],
+                      sources_=["task0"], meta={"target_max_train": 20})
+    embedded: list[int] = []
+    real = type(tiny_encoder)._encode_uncached
+    monkeypatch.setattr(type(tiny_encoder), "_encode_uncached",
+                        lambda self, texts, *a: embedded.append(len(texts)) or real(
+                            self, texts, *a))
+    kw = dict(encoder=tiny_encoder, progress=False, gain=model, check_leakage=False)
+    no_cache = rank(target_task, reg, cache=False, **kw)
+    assert len(embedded) == 1  # the target once; the 20-example sample from memory
+    with_cache = rank(target_task, reg, cache=EmbeddingCache(tmp_path / "cache"), **kw)
+    assert [r.predicted_gain for r in no_cache.rows] == [
+        r.predicted_gain for r in with_cache.rows]
+    assert all(r.predicted_gain is not None for r in no_cache.rows)
