@@ -210,32 +210,3 @@ class EmbeddingCache:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-
-class MemoryEmbeddingCache:
-    """An :class:`EmbeddingCache` that lives in memory for one run and is then dropped.
-
-    What a run without the disk cache (``cache=False``) uses so that a text it embeds
-    twice (the target, then the gain model's sample of it) is embedded once: the
-    second read returns the very vectors of the first, as the disk cache would.
-    """
-
-    def __init__(self) -> None:
-        self._store: dict[tuple[str, bytes], np.ndarray] = {}
-
-    def get(self, key: str, digests: Sequence[bytes], dim: int) -> dict[bytes, np.ndarray]:
-        """Stored vectors (float32, shape (dim,)) for the digests that have one."""
-        found = {}
-        for d in digests:
-            v = self._store.get((key, d))
-            if v is not None and v.shape == (dim,):
-                found[d] = v
-        return found
-
-    def put(self, key: str, digests: Sequence[bytes], vectors: np.ndarray) -> None:
-        """Store ``vectors`` (shape (len(digests), dim))."""
-        vectors = np.array(vectors, dtype=np.float32)
-        self._store.update(((key, d), v) for d, v in zip(digests, vectors, strict=True))
-
-    def __len__(self) -> int:
-        return len(self._store)

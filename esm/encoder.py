@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from stepstone.esm.cache import EmbeddingCache, MemoryEmbeddingCache, text_digest
+from stepstone.esm.cache import EmbeddingCache, text_digest
 from stepstone.esm.errors import ConfigError, StepstoneError
 from stepstone.esm.identity import alias_target, same_encoder_name
 
@@ -452,7 +452,7 @@ class Encoder:
         texts: Sequence[TextInput],
         *,
         batch_size: int = 64,
-        cache: EmbeddingCache | MemoryEmbeddingCache | None = None,
+        cache: EmbeddingCache | None = None,
         pad_to_max: bool = False,
         progress: bool = True,
     ) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from stepstone.esm.cache import EmbeddingCache, MemoryEmbeddingCache
+from stepstone.esm.cache import EmbeddingCache
 from stepstone.esm.data import Task
 from stepstone.esm.encoder import (
     DEFAULT_ENCODER,
@@ -24,6 +24,7 @@ from stepstone.esm.errors import ConfigError, StepstoneError
 from stepstone.esm.filters import CandidateFilter, filter_entries
 from stepstone.esm.identity import same_encoder_name
 from stepstone.esm.registry import Registry, RegistryEntry, open_registry
+from stepstone.esm.sampling import sample_indices
 from stepstone.esm.specs import load_task
 from stepstone.selection.gain import (
     FEATURE_METHOD,
@@ -381,7 +382,7 @@ def prepare_target(
     encoder: Encoder,
     *,
     max_examples: int | None = DEFAULT_MAX_TARGET,
-    cache: EmbeddingCache | MemoryEmbeddingCache | None = None,
+    cache: EmbeddingCache | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> Target:
@@ -431,15 +432,18 @@ def _gain_model(gain: bool | str | Path | GainModel, *, method: str, encoder: En
     return model, None
 
 
-def _gain_sample(model: GainModel | None, task: Task, prepared: Target, encoder: Encoder,
-                 cache: EmbeddingCache | MemoryEmbeddingCache | None) -> Target | None:
+def _gain_sample(model: GainModel | None, prepared: Target) -> Target | None:
     """The stratified sample of the target the gain model's features are scored on, when
     the target is larger than the model's calibration targets (LogME evidence moves with
-    the number of examples); else None."""
+    the number of examples); else None. Drawn from the rows the ranking embedded (seed
+    0), so nothing is embedded twice."""
     fitted_n = None if model is None else model_summary(model).get("target_max_train")
     if not fitted_n or prepared.n <= fitted_n:
         return None
-    return prepare_target(task, encoder, max_examples=fitted_n, cache=cache, progress=False)
+    rows = sample_indices(prepared.labels, int(fitted_n), seed=0,
+                          label_kind=prepared.label_kind)
+    return Target(prepared.task_id, prepared.X[rows], prepared.labels[rows],
+                  prepared.label_kind, [prepared.texts[i] for i in rows], prepared.encoder)
 
 
 def _gains(model: GainModel | None, unavailable: Recommendation | None, *, method: str,
@@ -800,10 +804,7 @@ def rank(
     # Not `cache or None`: an EmbeddingCache has a length, and an empty one is falsy.
     emb_cache = EmbeddingCache() if cache is True else (
         cache if isinstance(cache, EmbeddingCache) else None)
-    # Without the disk cache, an in-memory one for this call: the gain model's sample of
-    # the target (below) reads its vectors back instead of embedding them again.
-    target_cache = emb_cache if emb_cache is not None else MemoryEmbeddingCache()
-    prepared = prepare_target(task, encoder, max_examples=max_examples, cache=target_cache,
+    prepared = prepare_target(task, encoder, max_examples=max_examples, cache=emb_cache,
                               progress=progress)
     timings["embed"] = time.perf_counter() - t1
     t2 = time.perf_counter()
@@ -842,7 +843,7 @@ def rank(
     gain_model, unavailable, sample = None, None, None
     if gain is not False:
         gain_model, unavailable = _gain_model(gain, method=method, encoder=encoder)
-        sample = _gain_sample(gain_model, task, prepared, encoder, target_cache)
+        sample = _gain_sample(gain_model, prepared)
     gain_seconds = time.perf_counter() - t5
     t3 = time.perf_counter()
     sample_scores = None

@@ -128,8 +128,12 @@ def test_gain_sample_scored_in_one_pass_equals_scoring_it_again(tmp_path, tiny_e
     target = prepare_target(target_task, tiny_encoder)
     entries = reg.entries()
     applies, unavailable = _gain_model(model, method="esm-logme", encoder=tiny_encoder)
-    sample = _gain_sample(applies, target_task, target, tiny_encoder, None)
+    sample = _gain_sample(applies, target)
     assert unavailable is None and sample is not None and sample.n == 20
+    # drawn from the embedded target's own rows, stratified
+    rows = [target.texts.index(t) for t in sample.texts]
+    np.testing.assert_array_equal(sample.X, target.X[rows])
+    assert sorted(np.unique(sample.labels)) == sorted(np.unique(target.labels))
     scores, on_sample = scorer.score_targets([target, sample], reg, entries)
     alone = scorer.score(target, reg, entries)
     assert scores.values == alone.values
@@ -181,11 +185,10 @@ def test_many_skipped_esms_are_summarised_by_reason():
     assert f"1 ESM(s) not ranked:\n  mine: {_OWN_DATA}" in few
 
 
-def test_no_disk_cache_embeds_the_gain_sample_once_like_the_disk_cache(
+def test_the_gain_sample_embeds_nothing_and_caching_changes_no_prediction(
         tmp_path, tiny_encoder, target_task, monkeypatch):
-    """cache=False keeps the target's vectors in memory for the call: the gain model's
-    sample reads them back (nothing embedded twice), so its predictions equal those of
-    a run with the disk cache, bit for bit."""
+    """The gain model's sample comes from the rows the ranking embedded: one embedding
+    pass with or without the disk cache, and the same predictions, bit for bit."""
     from stepstone.esm.cache import EmbeddingCache
 
     reg = _registry(tmp_path, tiny_encoder.identity, 4)
@@ -200,7 +203,8 @@ def test_no_disk_cache_embeds_the_gain_sample_once_like_the_disk_cache(
                             self, texts, *a))
     kw = dict(encoder=tiny_encoder, progress=False, gain=model, check_leakage=False)
     no_cache = rank(target_task, reg, cache=False, **kw)
-    assert len(embedded) == 1  # the target once; the 20-example sample from memory
+    assert len(embedded) == 1  # the target once; the 20-example sample is drawn from it
+    assert any("20-example sample" in note for note in no_cache.recommendation.notes)
     with_cache = rank(target_task, reg, cache=EmbeddingCache(tmp_path / "cache"), **kw)
     assert [r.predicted_gain for r in no_cache.rows] == [
         r.predicted_gain for r in with_cache.rows]
