@@ -47,7 +47,10 @@ logger = logging.getLogger(__name__)
 
 _EPS = float(np.finfo(np.float64).eps)
 
-# Most target columns (classes) for which the tridiagonal route beats eigenvectors.
+# Most target columns (classes) for which the tridiagonal route beats eigenvectors:
+# measured on 48 synthetic maps, n = 2,000, two threads, ms per map (tridiagonal vs
+# eigenvectors): k = 2: 9.6 vs 11.0; 8: 8.5 vs 13.0; 32: 10.4 vs 12.1; 77: 18.6 vs
+# 15.7; 150: 27.3 vs 21.7 (one solve per column and round against one eigenproblem).
 _TRIDIAGONAL_MAX_K = 32
 
 __all__ = ["THREADS_ENV", "default_n_jobs", "evidence_linear_maps", "logme_linear_maps"]
