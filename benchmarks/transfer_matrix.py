@@ -291,6 +291,35 @@ def registry_dir(work: Path, protocol_key: str, seed: int) -> Path:
     return Path(work) / protocol_key / f"registry-s{seed}"
 
 
+def same_build(reg, src: str, out: Path, seed: int, protocol: Protocol) -> list[str]:
+    """ESM ids of ``src`` whose build in ``reg`` differs from the copy exported when the
+    source was first built (:func:`export_source_esms`; ids without a copy are not
+    compared). The ids come from the build settings, so a rebuild elsewhere (another
+    machine's copy of the work folder lost, a GPU, another torch) has the same ids; a
+    CPU rebuild of the same seed reproduces the weights, a GPU one does not."""
+    import numpy as np
+
+    from stepstone.esm.model import EmbeddingSpaceMap
+
+    primary = protocol.esm_fit or "adamw"
+    # seed 0's primary fit is exported in float32, the rest in float16
+    tol = 1e-5 if seed == 0 else 2e-3
+    differ = []
+    for e in reg.entries():
+        copy = out / f"s{seed}" / primary / e.id
+        if e.task_id != src or not copy.exists():
+            continue
+        here = EmbeddingSpaceMap.load(reg.esm_dir(e.id)).affine()
+        there = EmbeddingSpaceMap.load(copy).affine()
+        if here is None or there is None:
+            continue
+        scale = max(float(np.abs(there[0]).max()), 1e-12)
+        if any(not np.allclose(x, y, rtol=0.0, atol=tol * scale)
+               for x, y in zip(here, there, strict=True)):
+            differ.append(e.id)
+    return differ
+
+
 def source_entry(reg, task_id: str, encoder):
     """The full-depth entry with a kept model for ``task_id`` (exactly one expected)."""
     found = [e for e in reg.entries() if e.task_id == task_id and e.has_model
@@ -596,6 +625,7 @@ def run(
                 "seconds": round(time.perf_counter() - t_start, 1), "results": str(results)}
     cache = EmbeddingCache(work / "cache")
     ran = 0
+    skipped_sources: list[str] = []
     bar = tqdm(total=len(all_cells), initial=len(all_cells) - len(todo), desc="cells",
                unit="cell", disable=not progress)
     try:
@@ -616,6 +646,20 @@ def run(
                                        f"{report.failed}")
                 entry = source_entry(reg, src, base)
                 source_id = entry.id
+                started = len(cells) < len(cells_of((seed, src), task_ids, target_ids))
+                differ = same_build(reg, src, esm_out, seed, protocol) if started else []
+                if differ:
+                    # Its cells so far came from another build of this source: mixing two
+                    # would make one row of the matrix from two source models.
+                    logger.warning(
+                        "Source %s (seed %d): this build's ESMs %s differ from those exported "
+                        "when its first %d cells ran (another machine or device built it); "
+                        "leaving its other %d cells to a run with that build.", src, seed,
+                        differ, len(cells_of((seed, src), task_ids, target_ids)) - len(cells),
+                        len(cells))
+                    skipped_sources.append(f"s{seed}:{src}")
+                    reg.close()
+                    continue
                 export_source_esms(reg, src, full_tasks[src], base, protocol, seed,
                                    out=esm_out, cache=cache)
                 start = load_task_model(reg.model_dir(entry.id), name=base.name,
@@ -632,6 +676,7 @@ def run(
         cache.close()
     return {"protocol_key": key, "shard": f"{shard[0]}/{shard[1]}", "cells": len(all_cells),
             "already_done": len(all_cells) - len(todo), "ran": ran,
+            "skipped_sources": skipped_sources,
             "seconds": round(time.perf_counter() - t_start, 1), "results": str(results)}
 
 

@@ -322,3 +322,41 @@ def test_ship_writes_the_full_depth_esms_that_a_rebuild_reproduces(smoke, tmp_pa
         tm.ship(out=tmp_path / "x", protocol_key=key, tasks=[*tasks, "builtin:sms_spam"],
                 work=smoke["common"]["work"])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_source_rebuilt_differently_keeps_its_rows_from_one_build(
+        smoke, tmp_path, caplog, one_thread):
+    """A source whose first cells ran elsewhere is rebuilt here: with the same weights
+    (CPU, same seed) its other cells run; with other weights (say a GPU build) they are
+    left alone, so no source's row mixes two source models."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from stepstone.esm.model import WEIGHTS_NAME
+
+    common = {**smoke["common"], "work": tmp_path / "fresh-work", "seeds": [0]}
+    path = tmp_path / "matrix.jsonl"
+    shutil.copytree(tm.esm_export_dir(smoke["root"] / "matrix.jsonl",
+                                      smoke["first"]["protocol_key"]),
+                    tm.esm_export_dir(path, smoke["first"]["protocol_key"]))
+    rows = [r for r in smoke["rows"] if r["seed"] == 0]
+    src = rows[-1]["source"]  # drop one cell of one source: it is half done
+    dropped = [r for r in rows if r["source"] == src][0]
+    kept = [r for r in rows if r is not dropped]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    redo = tm.run(results=path, **common)  # rebuilt in a fresh work folder: same weights
+    assert redo["ran"] == 1 and redo["skipped_sources"] == []
+    # Now the exported copy says the first cells came from other weights.
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    key = smoke["first"]["protocol_key"]
+    fit = tm.Protocol(**PROTOCOL).esm_fit or "adamw"  # the primary fit's exports
+    for folder in (tm.esm_export_dir(path, key) / "s0" / fit).glob(f"{src}-*"):
+        state = load_file(str(folder / WEIGHTS_NAME))
+        save_file({k: v + 0.01 for k, v in state.items()}, str(folder / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="transfer_matrix"):
+        again = tm.run(results=path, **common)
+    assert again["ran"] == 0 and again["skipped_sources"] == [f"s0:{src}"]
+    assert "differ from those exported" in caplog.text
+    assert len(tm.read_rows(path)) == len(kept)
