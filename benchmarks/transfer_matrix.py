@@ -320,6 +320,18 @@ def same_build(reg, src: str, out: Path, seed: int, protocol: Protocol) -> list[
     return differ
 
 
+def _other_build(reg, src: str, out: Path, seed: int, protocol: Protocol) -> bool:
+    """Whether ``reg`` holds another build of ``src`` than the one its exported ESMs
+    (and so its finished cells) came from; warns if so."""
+    differ = same_build(reg, src, out, seed, protocol)
+    if differ:
+        # Mixing two builds would make one row of the matrix from two source models.
+        logger.warning("Source %s (seed %d): this build's ESMs %s differ from those exported "
+                       "when its finished cells ran (another machine or device built it); "
+                       "leaving its other cells to a run with that build.", src, seed, differ)
+    return bool(differ)
+
+
 def source_entry(reg, task_id: str, encoder):
     """The full-depth entry with a kept model for ``task_id`` (exactly one expected)."""
     found = [e for e in reg.entries() if e.task_id == task_id and e.has_model
@@ -473,11 +485,13 @@ def _cell_job(*, seed: int, src: str | None, tgt: str, start_dir: str | None,
 
 
 def _run_on_executor(executor, todo, *, base, base_name, key, work, protocol, full_tasks,
-                     spec_of, data_hash, write, progress, esm_out
+                     spec_of, data_hash, write, progress, esm_out, started, skipped_sources
                      ) -> tuple[int, dict[str, str]]:
     """Run ``todo`` cells as executor jobs: source models first (a registry build on the
     executor, written by this driver), then every cell as one job; each finished cell
-    is written as it returns. Returns (cells run, errors by cell id)."""
+    is written as it returns. A ``started`` source whose build differs from its exported
+    one is left out (see :func:`_other_build`) and named in ``skipped_sources``.
+    Returns (cells run, errors by cell id)."""
     from stepstone.esm.registry import Registry
     from stepstone.finetune.build import build_registry
     from stepstone.finetune.executor import Job, make_executor
@@ -500,10 +514,14 @@ def _run_on_executor(executor, todo, *, base, base_name, key, work, protocol, fu
             raise RuntimeError(f"Building sources (seed {seed}) failed: {report.failed}")
         with Registry(reg_path) as reg:
             for src in needed:
+                if (seed, src) in started and _other_build(reg, src, esm_out, seed, protocol):
+                    skipped_sources.append(f"s{seed}:{src}")
+                    continue
                 entry = source_entry(reg, src, base)
                 start_dirs[(seed, src)] = (str(reg.model_dir(entry.id)), entry.id)
                 export_source_esms(reg, src, full_tasks[src], base, protocol, seed,
                                    out=esm_out)
+    todo = [c for c in todo if c[1] is None or (c[0], c[1]) in start_dirs]
     jobs = [Job(f"s{seed}:{src or '-'}:{tgt}", {
         "seed": seed, "src": src, "tgt": tgt,
         "start_dir": start_dirs[(seed, src)][0] if src else None,
@@ -595,6 +613,9 @@ def run(
     esm_out = esm_export_dir(results, key)
     done = done_cells(read_rows(results), key)
     todo = [c for c in all_cells if c not in done]
+    # sources with cells done already (maybe elsewhere): continued only with that build
+    started = {(seed, src) for seed, src, _ in done if src is not None}
+    skipped_sources: list[str] = []
     logger.info("Protocol %s, shard %d/%d: %d cells, %d done, %d to run.", key, *shard,
                 len(all_cells), len(all_cells) - len(todo), len(todo))
     _end_with_newline(results)
@@ -618,14 +639,14 @@ def run(
         ran, errors = _run_on_executor(
             executor, todo, base=base, base_name=encoder or DEFAULT_ENCODER, key=key,
             work=work, protocol=protocol, full_tasks=full_tasks, spec_of=spec_of,
-            data_hash=data_hash, write=write, progress=progress, esm_out=esm_out)
+            data_hash=data_hash, write=write, progress=progress, esm_out=esm_out,
+            started=started, skipped_sources=skipped_sources)
         return {"protocol_key": key, "shard": f"{shard[0]}/{shard[1]}",
                 "cells": len(all_cells), "already_done": len(all_cells) - len(todo),
-                "ran": ran, "failed": errors,
+                "ran": ran, "failed": errors, "skipped_sources": skipped_sources,
                 "seconds": round(time.perf_counter() - t_start, 1), "results": str(results)}
     cache = EmbeddingCache(work / "cache")
     ran = 0
-    skipped_sources: list[str] = []
     bar = tqdm(total=len(all_cells), initial=len(all_cells) - len(todo), desc="cells",
                unit="cell", disable=not progress)
     try:
@@ -646,17 +667,7 @@ def run(
                                        f"{report.failed}")
                 entry = source_entry(reg, src, base)
                 source_id = entry.id
-                started = len(cells) < len(cells_of((seed, src), task_ids, target_ids))
-                differ = same_build(reg, src, esm_out, seed, protocol) if started else []
-                if differ:
-                    # Its cells so far came from another build of this source: mixing two
-                    # would make one row of the matrix from two source models.
-                    logger.warning(
-                        "Source %s (seed %d): this build's ESMs %s differ from those exported "
-                        "when its first %d cells ran (another machine or device built it); "
-                        "leaving its other %d cells to a run with that build.", src, seed,
-                        differ, len(cells_of((seed, src), task_ids, target_ids)) - len(cells),
-                        len(cells))
+                if (seed, src) in started and _other_build(reg, src, esm_out, seed, protocol):
                     skipped_sources.append(f"s{seed}:{src}")
                     reg.close()
                     continue

@@ -324,16 +324,10 @@ def test_ship_writes_the_full_depth_esms_that_a_rebuild_reproduces(smoke, tmp_pa
     assert not (tmp_path / "x").exists()
 
 
-def test_a_source_rebuilt_differently_keeps_its_rows_from_one_build(
-        smoke, tmp_path, caplog, one_thread):
-    """A source whose first cells ran elsewhere is rebuilt here: with the same weights
-    (CPU, same seed) its other cells run; with other weights (say a GPU build) they are
-    left alone, so no source's row mixes two source models."""
+def _half_done_source(smoke, tmp_path) -> tuple[Path, list[dict], str, dict]:
+    """A results file with one cell of one source dropped (that source is half done),
+    the smoke run's ESM exports beside it, and a fresh work folder (so it is rebuilt)."""
     import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from stepstone.esm.model import WEIGHTS_NAME
 
     common = {**smoke["common"], "work": tmp_path / "fresh-work", "seeds": [0]}
     path = tmp_path / "matrix.jsonl"
@@ -341,22 +335,50 @@ def test_a_source_rebuilt_differently_keeps_its_rows_from_one_build(
                                       smoke["first"]["protocol_key"]),
                     tm.esm_export_dir(path, smoke["first"]["protocol_key"]))
     rows = [r for r in smoke["rows"] if r["seed"] == 0]
-    src = rows[-1]["source"]  # drop one cell of one source: it is half done
+    src = rows[-1]["source"]
     dropped = [r for r in rows if r["source"] == src][0]
     kept = [r for r in rows if r is not dropped]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    redo = tm.run(results=path, **common)  # rebuilt in a fresh work folder: same weights
-    assert redo["ran"] == 1 and redo["skipped_sources"] == []
-    # Now the exported copy says the first cells came from other weights.
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    key = smoke["first"]["protocol_key"]
+    return path, kept, src, common
+
+
+def _tamper_exports(path: Path, key: str, src: str) -> None:
+    """Make the exported copies of ``src`` look like another build's."""
+    from safetensors.torch import load_file, save_file
+
+    from stepstone.esm.model import WEIGHTS_NAME
+
     fit = tm.Protocol(**PROTOCOL).esm_fit or "adamw"  # the primary fit's exports
     for folder in (tm.esm_export_dir(path, key) / "s0" / fit).glob(f"{src}-*"):
         state = load_file(str(folder / WEIGHTS_NAME))
         save_file({k: v + 0.01 for k, v in state.items()}, str(folder / WEIGHTS_NAME),
                   metadata={"format": "pt"})
+
+
+def test_a_source_rebuilt_differently_keeps_its_rows_from_one_build(
+        smoke, tmp_path, caplog, one_thread):
+    """A source whose first cells ran elsewhere is rebuilt here: with the same weights
+    (CPU, same seed) its other cells run; with other weights (say a GPU build) they are
+    left alone, so no source's row mixes two source models."""
+    path, kept, src, common = _half_done_source(smoke, tmp_path)
+    redo = tm.run(results=path, **common)  # rebuilt in a fresh work folder: same weights
+    assert redo["ran"] == 1 and redo["skipped_sources"] == []
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    _tamper_exports(path, smoke["first"]["protocol_key"], src)
     with caplog.at_level(logging.WARNING, logger="transfer_matrix"):
         again = tm.run(results=path, **common)
     assert again["ran"] == 0 and again["skipped_sources"] == [f"s0:{src}"]
     assert "differ from those exported" in caplog.text
+    assert len(tm.read_rows(path)) == len(kept)
+
+
+def test_ray_executor_leaves_a_differently_built_source_alone(smoke, tmp_path, one_thread,
+                                                              ray_cluster):
+    from stepstone.finetune.executor import ExecutorSettings
+
+    path, kept, src, common = _half_done_source(smoke, tmp_path)
+    _tamper_exports(path, smoke["first"]["protocol_key"], src)
+    out = tm.run(results=path, executor=ExecutorSettings(executor="ray", num_workers=2),
+                 **common)
+    assert out["ran"] == 0 and out["skipped_sources"] == [f"s0:{src}"]
     assert len(tm.read_rows(path)) == len(kept)
