@@ -8,7 +8,10 @@
 # short leaves at most a torn last line, which the next run redoes.
 #
 #   OUT=/path [P=8] [LIMIT_S=540] [DEVICE=cuda] [PY=.venv/bin/python] \
+#       [SRC_RESULTS=benchmarks/results/transfer_matrix_v2.jsonl] [SEED1_TASKS=a,b,...] \
 #       benchmarks/gpu_matrix.sh [more transfer_matrix.py run options]
+#
+# (tests/test_benchmarks_smoke.py runs it on the CPU with a tiny model and toy tasks.)
 #
 # Afterwards, on the development machine: copy $OUT/transfer_matrix_v2.jsonl over
 # benchmarks/results/ (it holds the committed rows plus the new ones) and
@@ -21,11 +24,14 @@ DEVICE=${DEVICE:-cuda}
 PY=${PY:-.venv/bin/python}
 WORK=${WORK:-/tmp/stepstone-matrix-work}
 SEED1_TASKS=${SEED1_TASKS:-sms_spam,trec6,tweet_sentiment,movie_polarity,bbc_news,banking77,reuters_r8,election_tweets,health_news_source,word_valence}
+SRC_RESULTS=${SRC_RESULTS:-benchmarks/results/transfer_matrix_v2.jsonl}
 RESULTS="$OUT/transfer_matrix_v2.jsonl"
 
 mkdir -p "$OUT" "$WORK"
-cp benchmarks/results/transfer_matrix_v2.jsonl "$RESULTS"
-cp -r benchmarks/results/matrix_esms_* "$OUT/" 2>/dev/null || true
+if [ -f "$SRC_RESULTS" ]; then
+  cp "$SRC_RESULTS" "$RESULTS"
+  cp -r "$(dirname "$SRC_RESULTS")"/matrix_esms_* "$OUT/" 2>/dev/null || true
+fi
 end=$(( $(date +%s) + LIMIT_S ))
 for i in $(seq 0 $((P - 1))); do
   (
@@ -36,8 +42,8 @@ for i in $(seq 0 $((P - 1))); do
         --shard "$i/$P" --device "$DEVICE" --threads 1 --quiet --results "$RESULTS" \
         --work "$WORK" "$@" || true
     }
-    run --seeds 0 "${@:1}"
-    run --seeds 1 --tasks "$SEED1_TASKS" "${@:1}"
+    run --seeds 0 "$@"
+    run --seeds 1 "$@" --tasks "$SEED1_TASKS"
   ) > "$OUT/shard-$i.log" 2>&1 &
 done
 wait

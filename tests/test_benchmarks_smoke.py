@@ -382,3 +382,32 @@ def test_ray_executor_leaves_a_differently_built_source_alone(smoke, tmp_path, o
                  **common)
     assert out["ran"] == 0 and out["skipped_sources"] == [f"s0:{src}"]
     assert len(tm.read_rows(path)) == len(kept)
+
+
+def test_gpu_script_runs_both_seeds_with_parallel_shards(tmp_path, tiny_model_dir):
+    """benchmarks/gpu_matrix.sh, on the CPU with a tiny model: two shard processes,
+    seed 0 over every task, then seed 1 over its subset, all rows in $OUT."""
+    import os
+    import subprocess
+    import sys
+
+    tasks = _write_tasks(tmp_path)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "P": "2", "LIMIT_S": "300", "DEVICE": "cpu",
+           "PY": sys.executable, "WORK": str(tmp_path / "work"),
+           "SRC_RESULTS": str(tmp_path / "none.jsonl"), "SEED1_TASKS": ",".join(tasks[:2]),
+           "OMP_NUM_THREADS": "1"}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in PROTOCOL.items()]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_matrix.sh"),
+                           "--tasks", ",".join(tasks), "--encoder", str(tiny_model_dir),
+                           *flags], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = tm.read_rows(out / "transfer_matrix_v2.jsonl")
+    cells = {tm.cell_key(r) for r in rows}
+    assert len(cells) == len(rows) == 9 + 4  # seed 0: 3 + 3 x 2; seed 1: 2 + 2 x 1
+    assert {c for c in cells if c[0] == 1} == {
+        (1, None, "toy0"), (1, None, "toy1"), (1, "toy0", "toy1"), (1, "toy1", "toy0")}
+    assert {r["protocol"]["target_lr"] for r in rows} == {1e-4}  # the v2 preset
+    assert (out / "shard-0.log").is_file() and (out / "shard-1.log").is_file()
