@@ -137,10 +137,10 @@ def _stages(basis, sketches: np.ndarray, X: np.ndarray, y: np.ndarray, pool: int
     """First-order inner products, and the order ``rank`` uses: the inner-product search
     keeps ``pool``, the middle stage (:func:`sketch_logme`) orders those; seconds per
     stage."""
-    from threadpoolctl import threadpool_limits
+    from stepstone.selection.threads import single_threaded_blas
 
     t0 = time.perf_counter()
-    with threadpool_limits(1):
+    with single_threaded_blas():  # as rank's first stage runs it
         first = sketches @ target_query(basis, X, y)
     t1 = time.perf_counter()
     kept = np.argsort(-first, kind="stable")[:pool]

@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_first_stage as bf  # noqa: E402  (the real ESMs and targets, as part A loads them)
+from bench_rank import stepstone_route  # noqa: E402
 
 from stepstone.selection import logme_maps  # noqa: E402
 from stepstone.selection.logme import TargetBasis  # noqa: E402
@@ -32,15 +33,11 @@ from stepstone.selection.logme_maps import logme_linear_maps  # noqa: E402
 
 
 def both_routes(basis: TargetBasis, W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, ...]:
-    """ESM-LogME by the library's choice of route, and with eigenvectors throughout."""
+    """ESM-LogME by the library's choice of route, and with eigenvectors throughout
+    (bench_rank's ``eigvec`` candidate)."""
     auto = logme_linear_maps(basis, W, b)
-    kept = logme_maps._TRIDIAGONAL_MAX_K
-    logme_maps._TRIDIAGONAL_MAX_K = 0
-    try:
-        eig = logme_linear_maps(basis, W, b)
-    finally:
-        logme_maps._TRIDIAGONAL_MAX_K = kept
-    return auto, eig
+    with stepstone_route("eigvec"):
+        return auto, logme_linear_maps(basis, W, b)
 
 
 def main(argv: list[str] | None = None) -> int:
