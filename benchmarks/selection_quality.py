@@ -31,7 +31,11 @@ Every mean has a 95% percentile-bootstrap interval over targets; ``p vs random``
 ``p vs esm-logme`` are two-sided paired sign-flip permutation tests of the per-target
 values (exact for up to 16 targets). A v2 protocol's ESM fit variants (the paper's
 AdamW fit beside the closed-form ridge fit) are rows of their own, scored from the
-ESMs the runner exported next to the results. Regression targets are scored by Pearson
+ESMs the runner exported next to the results. The ``esm-logme prefilter-K`` rows rank
+on the registry that ships (``transfer_matrix.py ship``) with ``rank(prefilter=K)``: the
+ESM sketch index's first and middle stage keep K sources, exact ESM-LogME orders them;
+what that pruning costs in selection is their difference to the ``esm-logme`` row
+(regret@k past K is not defined for them). Regression targets are scored by Pearson
 correlation (they have no accuracy). Cost columns: milliseconds of ``rank()``'s
 scoring stage per source per target (median over ``--repeats``; the target's
 embedding, shared by all sources, is in its own column; 0 for methods that need
@@ -92,6 +96,9 @@ from stepstone.selection.metrics import (
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 KS = (1, 3, 5)
+# rank(prefilter=K) rows: what the first stage in front of exact ESM-LogME costs in
+# selection (issue 16), on the registry that ships
+DEFAULT_PREFILTERS = (5, 10)
 RANDOM = "random (exact expectation)"
 FIXED = "fixed order (alphabetical)"
 POPULAR = "popular source (LOTO)"
@@ -128,14 +135,16 @@ class Method:
 
     name: str
     method: str
-    registry: str = "s0"          # registry-s0, registry-s1, registry-lowrank, registry-fp16
+    registry: str = "s0"  # registry-s0, -s1, -lowrank, -fp16, -shipped, -<fit variant>
     layer: int | None = None
     approx_rank: int | None = None
+    prefilter: int | None = None  # rank(prefilter=K): only the K kept are ordered
     note: str = ""
 
 
 def methods(protocol: dict[str, Any], *, approx_rank: int, lowrank: int,
-            have_s1: bool, variants: tuple[str, ...] = ()) -> list[Method]:
+            have_s1: bool, variants: tuple[str, ...] = (),
+            prefilters: tuple[int, ...] = ()) -> list[Method]:
     exit_layer = protocol.get("exit_layer")
     out = [
         Method("esm-logme", "esm-logme", note="linear ESMs, exact (Schulte et al. 2024)"),
@@ -149,6 +158,11 @@ def methods(protocol: dict[str, Any], *, approx_rank: int, lowrank: int,
     if exit_layer:
         out.append(Method(f"esm-logme exit-L{exit_layer}", "esm-logme", layer=exit_layer,
                           note=f"early exit after layer {exit_layer} (Kang et al. 2021)"))
+    out += [Method(f"esm-logme prefilter-{k}", "esm-logme", registry="shipped", prefilter=k,
+                   note=f"the shipped registry's ESM sketch index keeps {k} (first and "
+                        "middle stage), exact ESM-LogME orders them; metrics past "
+                        f"{k} sources are n/a")
+            for k in prefilters]
     if have_s1:
         out.append(Method("esm-logme seed-1 ESMs", "esm-logme", registry="s1",
                           note="ESMs of the seed-1 source models (ESM-side noise)"))
@@ -196,7 +210,8 @@ def bytes_per_source(method: Method, reg, entries) -> float:
 def build_variants(work: Path, gt: GroundTruth, encoder, *, lowrank: int, cache=None,
                    exports: Path | None = None, variants: tuple[str, ...] = (),
                    progress: bool = False) -> None:
-    """registry-lowrank and registry-fp16 from registry-s0, and a registry-<fit> for
+    """registry-lowrank and registry-fp16 from registry-s0, registry-shipped (its
+    full-depth ESMs as ``transfer_matrix.py ship`` writes them), and a registry-<fit> for
     each of the protocol's ESM fit ``variants`` (e.g. the paper's adamw fit) from the
     runner's exported seed-0 ESMs under ``exports`` (task vectors and word profiles
     from the registry-s0 entry of the same id). Resumable: keyed by the source entry's
@@ -248,16 +263,22 @@ def build_variants(work: Path, gt: GroundTruth, encoder, *, lowrank: int, cache=
                             profile=s0.profile(e.id))
     for reg in (s0, low, half):
         reg.close()
+    # what ships: the full-depth seed-0 ESMs of these tasks (written afresh, atomically:
+    # an earlier table may have scored other tasks)
+    _matrix_module().ship(out=work / "registry-shipped", protocol_key=gt.protocol_key,
+                          tasks=[gt.specs[t] for t in gt.tasks], work=work.parent)
 
 
 # -- scoring ----------------------------------------------------------------------------------
 def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowrank: int = 32,
                    repeats: int = 3, exports: Path | None = None,
+                   prefilters: tuple[int, ...] = DEFAULT_PREFILTERS,
                    progress: bool = True) -> dict[str, Any]:
     """Rank every target with every method; the orders, timings and sizes (the cache)."""
     from tqdm.auto import tqdm
 
     from stepstone.esm.cache import EmbeddingCache
+    from stepstone.esm.filters import CandidateFilter
     from stepstone.esm.registry import Registry
     from stepstone.esm.specs import load_task
     from stepstone.selection.ranking import rank
@@ -270,7 +291,7 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
     encoder = _matrix_module().protocol_encoder(proto)
     variants = tuple(v.strip() for v in (proto.get("esm_variants") or "").split(",")
                      if v.strip())
-    complete = {"lowrank", "fp16", *variants}  # built below from registry-s0
+    complete = {"lowrank", "fp16", "shipped", *variants}  # built below from registry-s0
     for name in ("s0", "s1"):
         folder = work / f"registry-{name}"
         if not folder.is_dir():
@@ -295,7 +316,7 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
         max_train=proto["target_max_train"], max_test=proto["target_max_test"],
         seed=proto["data_seed"]) for t in targets}
     table = methods(proto, approx_rank=approx_rank, lowrank=lowrank, have_s1="s1" in regs,
-                    variants=variants)
+                    variants=variants, prefilters=tuple(prefilters))
     out: dict[str, Any] = {"protocol_key": gt.protocol_key, "targets": targets,
                            "repeats": repeats, "methods": {}, "embed_seconds": {}}
     # Target embedding cost, shared by every source: uncached, once per target and depth.
@@ -315,13 +336,19 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
         for t in targets:
             times = []
             for _ in range(1 if m.method == "source-logme" else repeats):
+                # the target's own task is never a source, also where its data hash
+                # (of the subsample) does not match its ESM's: a first stage must not
+                # spend a slot on it
                 r = rank(tasks[t], reg, m.method, encoder=encoder, layer=m.layer,
-                         approx_rank=m.approx_rank, max_examples=None, cache=cache,
-                         exclude_target=True, progress=False)
+                         approx_rank=m.approx_rank, prefilter=m.prefilter,
+                         max_examples=None, cache=cache, exclude_target=True,
+                         filters=CandidateFilter(exclude=(t,)), progress=False)
                 if r.errors:
                     raise RuntimeError(f"{m.name} on {t}: sources failed: {r.errors}")
-                times.append(r.timings["score"])
-            cands = r.settings["candidates"]
+                # a first stage's time counts, spread over every candidate it saw
+                times.append(r.timings["score"] + (r.timings["prefilter"] if m.prefilter
+                                                   else 0.0))
+            cands = len(gt.mean_perf(t)) if m.prefilter else r.settings["candidates"]
             layer_entries = [e for e in reg.entries() if e.task_id in r.task_ids
                              and e.encoder_identity.layer == m.layer]
             per_target[t] = {
@@ -373,11 +400,21 @@ def _average_ranks(values: list[float]) -> np.ndarray:
 METRICS = (*(f"regret@{k}" for k in KS), "ndcg@5", "spearman")
 
 
-def _order_metrics(perf: dict[str, float], order: list[str], base: float) -> dict[str, float]:
-    row = {f"regret@{k}": regret_at_k(perf, order, k, baseline=base) for k in KS}
-    row.update({f"regret_src@{k}": regret_at_k(perf, order, k) for k in KS})
-    row["ndcg@5"] = ndcg_at_k(perf, order, 5)
-    row["spearman"] = spearman_gain(perf, order, base)
+def _order_metrics(perf: dict[str, float], order: list[str], base: float, *,
+                   kept: int | None = None) -> dict[str, float]:
+    """The metrics of one order; ``kept``: the order holds only the K sources a first
+    stage kept (``rank(prefilter=K)``), so regret@k for k > K, NDCG@5 for K < 5 and the
+    Spearman correlation (of the whole order) are not defined (nan)."""
+    nan = float("nan")
+    if kept is not None:  # the pruned sources after the kept: NDCG@5's ideal is over all
+        order = list(order) + sorted(set(perf) - set(order))
+    k_max = max(KS) if kept is None else kept
+    row = {f"regret@{k}": regret_at_k(perf, order, k, baseline=base) if k <= k_max else nan
+           for k in KS}
+    row.update({f"regret_src@{k}": regret_at_k(perf, order, k) if k <= k_max else nan
+                for k in KS})
+    row["ndcg@5"] = ndcg_at_k(perf, order, 5) if kept is None or kept >= 5 else nan
+    row["spearman"] = spearman_gain(perf, order, base) if kept is None else nan
     return row
 
 
@@ -400,6 +437,8 @@ def _stat(values: list[float]) -> dict[str, Any]:
 
 def _paired_p(per_target: dict[str, dict], other: dict[str, dict], metric: str) -> float:
     common = sorted(set(per_target) & set(other))
+    if not any(np.isfinite(per_target[t][metric]) for t in common):
+        return float("nan")  # not defined for this method (a pruned order's regret@k > K)
     return paired_permutation_test([per_target[t][metric] for t in common],
                                    [other[t][metric] for t in common])
 
@@ -428,9 +467,11 @@ def evaluate(gt: GroundTruth, scores: dict[str, Any]) -> dict[str, Any]:
     per_method: dict[str, dict[str, dict]] = {}
     for name, by_target in orders.items():
         per_target = {}
+        spec = scores["methods"][name]["spec"] if name in scores["methods"] else {}
         for t, cached in by_target.items():
             perf, base = gt.mean_perf(t), gt.mean_base(t)
-            rows = [_order_metrics(perf, order, base) for order in cached]
+            rows = [_order_metrics(perf, order, base, kept=spec.get("prefilter"))
+                    for order in cached]
             per_target[t] = {k: float(np.nanmean([r[k] for r in rows]))
                              if any(np.isfinite(r[k]) for r in rows) else float("nan")
                              for k in rows[0]}
@@ -486,7 +527,8 @@ def _fmt(stat: dict[str, Any], digits: int = 2) -> str:
 def _fmt_p(p: dict[str, float]) -> str:
     if not p:
         return "—"
-    return " / ".join(f"{p[f'regret@{k}']:.3f}" for k in KS)
+    return " / ".join(f"{p[f'regret@{k}']:.3f}" if np.isfinite(p[f"regret@{k}"]) else "n/a"
+                      for k in KS)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -659,7 +701,8 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
                tasks: str | list[str] | None = None,
                kernel_results: str | Path | None = None,
                metric: str = "accuracy", approx_rank: int = 64, lowrank: int = 32,
-               repeats: int = 3, progress: bool = True) -> dict[str, Any]:
+               repeats: int = 3, prefilters: tuple[int, ...] = DEFAULT_PREFILTERS,
+               progress: bool = True) -> dict[str, Any]:
     """Compute the table and plots; returns the JSON summary that is also written."""
     tm = _matrix_module()
     out = Path(out)
@@ -677,7 +720,8 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
     if recompute or scores is None or set(gt.targets()) - set(scores["targets"]):
         work = Path(work) if work is not None else tm.WORK_DIR
         scores = compute_scores(gt, work / gt.protocol_key, approx_rank=approx_rank,
-                                lowrank=lowrank, repeats=repeats, progress=progress,
+                                lowrank=lowrank, repeats=repeats, prefilters=prefilters,
+                                progress=progress,
                                 exports=tm.esm_export_dir(Path(results), gt.protocol_key))
         # not sort_keys: the methods' order is the table's order
         cache_path.write_text(json.dumps(scores, indent=1) + "\n")
@@ -745,6 +789,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--approx-rank", type=int, default=64)
     parser.add_argument("--lowrank", type=int, default=32, help="Rank of the low-rank ESMs.")
     parser.add_argument("--repeats", type=int, default=3, help="Timing repeats (median).")
+    parser.add_argument("--prefilter", type=int, nargs="*", default=list(DEFAULT_PREFILTERS),
+                        help="A row per K: rank(prefilter=K) on the shipped registry "
+                             "(default: %(default)s; none: no such rows).")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -752,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
                protocol_key=args.protocol, tasks=args.tasks,
                kernel_results=args.kernel_results,
                metric=args.metric, approx_rank=args.approx_rank,
-               lowrank=args.lowrank, repeats=args.repeats, progress=not args.quiet)
+               lowrank=args.lowrank, repeats=args.repeats,
+               prefilters=tuple(args.prefilter), progress=not args.quiet)
     return 0
 
 

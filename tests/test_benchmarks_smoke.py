@@ -139,7 +139,7 @@ def test_quality_table_from_the_smoke_matrix(smoke, one_thread):
     out = smoke["root"] / "out"
     summary = sq.regenerate(results=smoke["root"] / "matrix.jsonl", out=out,
                             work=smoke["common"]["work"], recompute=True, repeats=1,
-                            approx_rank=8, lowrank=4, progress=False)
+                            approx_rank=8, lowrank=4, prefilters=(1, 5), progress=False)
     for name in ("selection_quality.json", "selection_quality.md",
                  "selection_quality_scores.json", "transfer_matrix_gains.png",
                  "selection_quality_regret.png"):
@@ -147,18 +147,34 @@ def test_quality_table_from_the_smoke_matrix(smoke, one_thread):
     methods = summary["methods"]
     assert {"esm-logme", "esm-logme approx-8", "esm-logme lowrank-4", "esm-logme fp16",
             "esm-logme exit-L1", "esm-logme seed-1 ESMs", "knn", "source-logme",
-            "textemb", "vocab", sq.RANDOM, sq.FIXED, sq.POPULAR} == set(methods)
+            "textemb", "vocab", sq.RANDOM, sq.FIXED, sq.POPULAR,
+            "esm-logme prefilter-1", "esm-logme prefilter-5"} == set(methods)
     for name, q in methods.items():
         for k in ("regret@1", "regret@3", "regret@5", "ndcg@5"):
+            if name == "esm-logme prefilter-1" and k != "regret@1":
+                continue  # one source kept: the rest is not defined (checked below)
             assert np.isfinite(q[k]["mean"]), (name, k)
             assert 0.0 <= q[k]["mean"] <= 100.0
             lo, hi = q[k]["ci95"]
             assert lo <= q[k]["mean"] <= hi
         assert q["ms_per_source"] >= 0
         assert (name == sq.RANDOM) == (not q["p_vs_random"])
-        assert all(0.0 < p <= 1.0 for p in q["p_vs_random"].values())
+        assert all(0.0 < p <= 1.0 for m, p in q["p_vs_random"].items()
+                   if "prefilter" not in name or m == "regret@1")
     # fp16 ESMs order the toy sources exactly like the float32 ones: no difference at all
     assert methods["esm-logme fp16"]["p_vs_esm_logme"]["regret@1"] == 1.0
+    # A first stage that keeps every source (K = 5 >= 2) ranks the shipped ESMs (the
+    # full-depth seed-0 ones) exactly as esm-logme does; one that keeps 1 has a top-1
+    # and nothing past it.
+    exact, wide = methods["esm-logme"], methods["esm-logme prefilter-5"]
+    assert {t: v["top1"] for t, v in wide["per_target"].items()} == \
+        {t: v["top1"] for t, v in exact["per_target"].items()}
+    assert wide["p_vs_esm_logme"]["regret@1"] == 1.0
+    narrow = methods["esm-logme prefilter-1"]
+    assert np.isnan(narrow["regret@3"]["mean"]) and np.isnan(narrow["ndcg@5"]["mean"])
+    assert np.isnan(narrow["p_vs_random"]["regret@5"])
+    assert all(np.isnan(v["spearman"]) for v in narrow["per_target"].values())
+    assert "| esm-logme prefilter-1 |" in (out / "selection_quality.md").read_text()
     # the exact random expectation of regret@k over the (2) sources of each target
     gt_perf = summary["ground_truth"]["perf"]
     for t in summary["targets"]:
