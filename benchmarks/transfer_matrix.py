@@ -332,6 +332,67 @@ def _other_build(reg, src: str, out: Path, seed: int, protocol: Protocol) -> boo
     return bool(differ)
 
 
+def _has_source(folder: Path, task_id: str, encoder, exit_layers: tuple[int, ...]) -> bool:
+    """Whether the registry ``folder`` holds ``task_id``'s full-depth ESM with its kept
+    model and an ESM for each exit layer (read-only; False when there is none)."""
+    from stepstone.esm.registry import Registry
+
+    if not (folder / "registry.sqlite").exists():
+        return False
+    with Registry(folder) as reg:
+        mine = [e for e in reg.entries() if e.task_id == task_id
+                and e.encoder_identity.fingerprint == encoder.identity.fingerprint]
+    return (any(e.layer is None and e.has_model for e in mine)
+            and {int(k) for k in exit_layers} <= {e.layer for e in mine})
+
+
+def built_source(work: Path, key: str, seed: int, task, base, protocol: Protocol, *,
+                 cache=None, progress: bool = False):
+    """The seed's source registry (``registry_dir``), open read-only, once it holds
+    ``task`` built with the protocol's settings.
+
+    A missing source is fine-tuned into a staging registry of its own
+    (``<work>/<key>/staging-s<seed>/<task>``) and its entries are then added to the
+    shared registry, whose write lock is held for that copy only. So shard processes
+    fine-tune their sources at the same time; building into the shared registry
+    directly held its lock for the whole build (the library's rule, so that two builds
+    of one source never both fine-tune), and the other shard waited it out. Resumable:
+    the staging build resumes like any build, the copy skips entries already added, and
+    the staging folder goes once the shared registry has them all.
+    """
+    import shutil
+    import tempfile
+
+    from stepstone.esm.registry import Registry
+    from stepstone.finetune.build import build_registry
+
+    shared = registry_dir(work, key, seed)
+    settings = protocol.build_settings(seed, base.num_layers)
+    staging = Path(work) / key / f"staging-s{seed}" / task.task_id
+    if not _has_source(shared, task.task_id, base, settings.exit_layers):
+        with Registry(staging, "w", create=True) as st:
+            report = build_registry(st, [task], encoder=base, cache=cache, progress=progress,
+                                    settings=settings)
+            if report.failed:
+                raise RuntimeError(f"Building source {task.task_id!r} (seed {seed}) failed: "
+                                   f"{report.failed}")
+            with Registry(shared, "w", create=True) as reg, \
+                    tempfile.TemporaryDirectory(dir=staging.parent) as tmp:
+                for e in st.entries():
+                    if reg.find(e.settings_key) is not None:
+                        continue
+                    model = None
+                    if e.has_model:  # a copy: the staging build stays whole until the end
+                        model = Path(tmp) / e.id
+                        shutil.copytree(st.model_dir(e.id), model)
+                    reg.add(st.load_esm(e.id), esm_id=e.id, settings_key=e.settings_key,
+                            task_vector=e.task_vector, profile=st.profile(e.id),
+                            model_dir=model)
+    if staging.exists():
+        shutil.rmtree(staging)
+    return Registry(shared)
+
+
 def source_entry(reg, task_id: str, encoder):
     """The full-depth entry with a kept model for ``task_id`` (exactly one expected)."""
     found = [e for e in reg.entries() if e.task_id == task_id and e.has_model
@@ -578,8 +639,6 @@ def run(
 
     from stepstone.esm.cache import EmbeddingCache
     from stepstone.esm.encoder import DEFAULT_ENCODER, load_encoder
-    from stepstone.esm.registry import Registry
-    from stepstone.finetune.build import build_registry
     from stepstone.finetune.train import load_task_model
 
     protocol = protocol or Protocol()
@@ -658,13 +717,8 @@ def run(
             if src is None:
                 start = base
             else:
-                reg = Registry(registry_dir(work, key, seed), "w", create=True)
-                report = build_registry(
-                    reg, [full_tasks[src]], encoder=base, cache=cache, progress=progress,
-                    settings=protocol.build_settings(seed, base.num_layers))
-                if report.failed:
-                    raise RuntimeError(f"Building source {src!r} (seed {seed}) failed: "
-                                       f"{report.failed}")
+                reg = built_source(work, key, seed, full_tasks[src], base, protocol,
+                                   cache=cache, progress=progress)
                 entry = source_entry(reg, src, base)
                 source_id = entry.id
                 if (seed, src) in started and _other_build(reg, src, esm_out, seed, protocol):

@@ -311,6 +311,60 @@ def test_v2_run_exports_esms_and_runs_a_target_subset(tmp_path, smoke, one_threa
     assert "| toy0 | full |" in (tmp_path / "quality" / "esm_fits.md").read_text()
 
 
+def test_a_source_fine_tunes_while_another_process_holds_the_shared_registry(
+        smoke, tmp_path, tiny_model_dir, one_thread):
+    """Shard processes build their sources at the same time: the fine-tuning runs in a
+    staging registry of its own, and the shared registry's write lock is taken only to
+    add the finished entries. A second call finds the source and builds nothing."""
+    import threading
+
+    from stepstone.esm import registry_lock
+    from stepstone.esm.encoder import load_encoder
+    from stepstone.esm.registry import Registry
+    from stepstone.esm.specs import load_task
+
+    work, key = tmp_path / "work", "k"
+    shared = tm.registry_dir(work, key, 0)
+    shared.mkdir(parents=True)
+    protocol = smoke["common"]["protocol"]
+    base = load_encoder(str(tiny_model_dir))
+    task = load_task(smoke["common"]["tasks"][0])
+    staging = work / key / "staging-s0" / task.task_id
+    out: dict = {}
+
+    def build() -> None:  # the registry is read in this thread (sqlite's rule)
+        try:
+            with tm.built_source(work, key, 0, task, base, protocol) as reg:
+                out["layers"] = sorted(e.layer or 0 for e in reg.entries()
+                                       if e.task_id == task.task_id)
+                kept = tm.source_entry(reg, task.task_id, base)
+                out["model"] = (reg.model_dir(kept.id) / "encoder").is_dir()
+                out["problems"] = reg.verify().problems
+        except BaseException as err:  # surfaced below
+            out["error"] = err
+
+    with registry_lock.write_lock(shared):  # another shard writing, e.g. its own build
+        worker = threading.Thread(target=build)
+        worker.start()
+        for _ in range(600):  # the fine-tuning finishes without the shared lock
+            if (staging / "registry.sqlite").exists():
+                with Registry(staging) as st:
+                    if any(e.layer is None and e.has_model for e in st.entries()):
+                        break
+            worker.join(0.1)
+        else:
+            pytest.fail("the source was not built while the shared registry was locked")
+        assert worker.is_alive()  # waiting for the shared lock to add its entries
+    worker.join(120)
+    assert "error" not in out, out.get("error")
+    assert out["layers"] == [0, protocol.exit_layer]  # full depth and the exit layer
+    assert out["model"] and out["problems"] == []  # the kept model came along, all verifies
+    assert not staging.exists()  # gone once the shared registry has every entry
+    again = tm.built_source(work, key, 0, task, base, protocol)
+    again.close()
+    assert not staging.exists()  # found in the shared registry: nothing staged
+
+
 def test_ship_writes_the_full_depth_esms_that_a_rebuild_reproduces(smoke, tmp_path):
     """`transfer_matrix.py ship`: the seed-0 full-depth ESMs, no kept models, and a
     rebuild with the same settings adds nothing (same settings keys)."""
