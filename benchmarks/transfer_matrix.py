@@ -339,10 +339,10 @@ def _has_source(folder: Path, task_id: str, encoder, exit_layers: tuple[int, ...
 
     if not (folder / "registry.sqlite").exists():
         return False
-    with Registry(folder) as reg:
-        mine = [e for e in reg.entries() if e.task_id == task_id
-                and e.encoder_identity.fingerprint == encoder.identity.fingerprint]
-    return (any(e.layer is None and e.has_model for e in mine)
+    with Registry(folder) as reg:  # one base encoder per registry (an exit layer's
+        mine = [e for e in reg.entries() if e.task_id == task_id]  # has its own fingerprint)
+    return (any(e.layer is None and e.has_model and e.encoder_identity.matches(encoder.identity)
+                for e in mine)
             and {int(k) for k in exit_layers} <= {e.layer for e in mine})
 
 

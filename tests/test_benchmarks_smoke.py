@@ -360,6 +360,10 @@ def test_a_source_fine_tunes_while_another_process_holds_the_shared_registry(
     assert out["layers"] == [0, protocol.exit_layer]  # full depth and the exit layer
     assert out["model"] and out["problems"] == []  # the kept model came along, all verifies
     assert not staging.exists()  # gone once the shared registry has every entry
+    # found complete (full depth with its model, and the exit layer, whose encoder has
+    # another fingerprint): a rerun or the next shard builds nothing
+    assert tm._has_source(shared, task.task_id, base, (protocol.exit_layer,))
+    assert not tm._has_source(shared, task.task_id, base, (protocol.exit_layer + 1,))
     again = tm.built_source(work, key, 0, task, base, protocol)
     again.close()
     assert not staging.exists()  # found in the shared registry: nothing staged
