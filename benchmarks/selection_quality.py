@@ -81,6 +81,7 @@ from typing import Any
 
 import numpy as np
 
+from stepstone.esm.atomic import write_text_atomic
 from stepstone.selection.metrics import (
     GroundTruth,
     bootstrap_ci,
@@ -273,8 +274,13 @@ def build_variants(work: Path, gt: GroundTruth, encoder, *, lowrank: int, cache=
 def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowrank: int = 32,
                    repeats: int = 3, exports: Path | None = None,
                    prefilters: tuple[int, ...] = DEFAULT_PREFILTERS,
-                   progress: bool = True) -> dict[str, Any]:
-    """Rank every target with every method; the orders, timings and sizes (the cache)."""
+                   partial: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Rank every target with every method; the orders, timings and sizes (the cache).
+
+    ``partial``: a file that holds what is done so far, written after each method
+    (atomically); a rerun with the same protocol, targets and method settings takes
+    the methods found there instead of scoring them again (the full table takes about
+    an hour here, more than what is left of a session at times)."""
     from tqdm.auto import tqdm
 
     from stepstone.esm.cache import EmbeddingCache
@@ -319,8 +325,19 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
                     variants=variants, prefilters=tuple(prefilters))
     out: dict[str, Any] = {"protocol_key": gt.protocol_key, "targets": targets,
                            "repeats": repeats, "methods": {}, "embed_seconds": {}}
+    earlier = json.loads(partial.read_text()) if partial is not None and partial.exists() \
+        else {}
+    if {k: earlier.get(k) for k in ("protocol_key", "targets", "repeats")} != \
+            {k: out[k] for k in ("protocol_key", "targets", "repeats")}:
+        earlier = {}  # another table's: start afresh
+    elif earlier.get("methods"):
+        logger.info("Resuming: %d method(s) already scored in %s.", len(earlier["methods"]),
+                    partial)
+    out["embed_seconds"] = earlier.get("embed_seconds", {})
     # Target embedding cost, shared by every source: uncached, once per target and depth.
     for layer in sorted({m.layer for m in table}, key=lambda x: x or 0):
+        if str(layer or "full") in out["embed_seconds"]:
+            continue
         enc = encoder if layer is None else encoder.with_layer(layer)
         secs = []
         for t in targets:
@@ -331,6 +348,11 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
     bar = tqdm(total=len(table) * len(targets), desc="ranking", unit="rank",
                disable=not progress)
     for m in table:
+        done = earlier.get("methods", {}).get(m.name)
+        if done is not None and done["spec"] == dataclasses.asdict(m):
+            out["methods"][m.name] = done
+            bar.update(len(targets))
+            continue
         reg = regs[m.registry]
         per_target = {}
         for t in targets:
@@ -358,6 +380,8 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
             }
             bar.update(1)
         out["methods"][m.name] = {"spec": dataclasses.asdict(m), "per_target": per_target}
+        if partial is not None:
+            write_text_atomic(partial, json.dumps(out, indent=1) + "\n")
     bar.close()
     for reg in regs.values():
         reg.close()
@@ -721,10 +745,12 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
         work = Path(work) if work is not None else tm.WORK_DIR
         scores = compute_scores(gt, work / gt.protocol_key, approx_rank=approx_rank,
                                 lowrank=lowrank, repeats=repeats, prefilters=prefilters,
+                                partial=out / "selection_quality_scores.partial.json",
                                 progress=progress,
                                 exports=tm.esm_export_dir(Path(results), gt.protocol_key))
         # not sort_keys: the methods' order is the table's order
-        cache_path.write_text(json.dumps(scores, indent=1) + "\n")
+        write_text_atomic(cache_path, json.dumps(scores, indent=1) + "\n")
+        (out / "selection_quality_scores.partial.json").unlink(missing_ok=True)
     kernel = _kernel_module().method_entry(
         _kernel_module().read_pairs(kernel_results),
         {t: sorted(gt.mean_perf(t)) for t in gt.targets()}) \
@@ -777,7 +803,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None,
                         help="The runner's work folder (default benchmarks/work/matrix).")
     parser.add_argument("--recompute", action="store_true",
-                        help="Rescore every method (needs the work registries).")
+                        help="Rescore every method (needs the work registries); an "
+                             "interrupted rescoring resumes at the first method it had "
+                             "not finished.")
     parser.add_argument("--protocol", default=None, help="Protocol key, if several.")
     parser.add_argument("--tasks", default=None,
                         help="Score only the cells among these tasks (comma-separated specs "

@@ -144,6 +144,7 @@ def test_quality_table_from_the_smoke_matrix(smoke, one_thread):
                  "selection_quality_scores.json", "transfer_matrix_gains.png",
                  "selection_quality_regret.png"):
         assert (out / name).is_file(), name
+    assert not (out / "selection_quality_scores.partial.json").exists()  # done: removed
     methods = summary["methods"]
     assert {"esm-logme", "esm-logme approx-8", "esm-logme lowrank-4", "esm-logme fp16",
             "esm-logme exit-L1", "esm-logme seed-1 ESMs", "knn", "source-logme",
@@ -210,6 +211,36 @@ def test_ray_executor_gives_the_local_matrix(smoke, one_thread, ray_cluster):
     assert len(rows) == 18
     local = {tm.cell_key(r): (r["accuracy"], r["macro_f1"]) for r in smoke["rows"]}
     assert {tm.cell_key(r): (r["accuracy"], r["macro_f1"]) for r in rows} == local
+
+
+def test_an_interrupted_rescoring_resumes_at_the_first_unfinished_method(smoke, tmp_path,
+                                                                         one_thread):
+    rows = tm.read_rows(smoke["root"] / "matrix.jsonl")
+    gt = sq.load_ground_truth(rows)
+    work = Path(smoke["common"]["work"]) / gt.protocol_key
+    partial = tmp_path / "partial.json"
+    opts = dict(approx_rank=8, lowrank=4, repeats=1, prefilters=(1,), progress=False)
+    full = sq.compute_scores(gt, work, partial=partial, **opts)
+    names = list(full["methods"])
+    assert json.loads(partial.read_text())["methods"].keys() == full["methods"].keys()
+    # as if stopped after the first two methods; the first one marked to show it is reused
+    cut = json.loads(partial.read_text())
+    cut["methods"] = {n: cut["methods"][n] for n in names[:2]}
+    cut["methods"][names[0]]["marker"] = True
+    partial.write_text(json.dumps(cut))
+    again = sq.compute_scores(gt, work, partial=partial, **opts)
+    assert list(again["methods"]) == names  # the table's order is kept
+    assert again["methods"][names[0]].get("marker") is True  # taken, not rescored
+    for n in names[2:]:  # scored again: the same orders
+        assert "marker" not in again["methods"][n]
+        assert {t: v["orders"] for t, v in again["methods"][n]["per_target"].items()} == \
+            {t: v["orders"] for t, v in full["methods"][n]["per_target"].items()}, n
+    # a partial file of another table (other targets) is not used
+    other = json.loads(partial.read_text())
+    other["targets"] = other["targets"][:1]
+    partial.write_text(json.dumps(other))
+    fresh = sq.compute_scores(gt, work, partial=partial, **opts)
+    assert "marker" not in fresh["methods"][names[0]]
 
 
 def test_kernel_order_needs_every_source_of_a_target():
