@@ -743,14 +743,15 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
         scores = None
     if recompute or scores is None or set(gt.targets()) - set(scores["targets"]):
         work = Path(work) if work is not None else tm.WORK_DIR
+        partial = out / "selection_quality_scores.partial.json"
         scores = compute_scores(gt, work / gt.protocol_key, approx_rank=approx_rank,
                                 lowrank=lowrank, repeats=repeats, prefilters=prefilters,
-                                partial=out / "selection_quality_scores.partial.json",
+                                partial=partial,
                                 progress=progress,
                                 exports=tm.esm_export_dir(Path(results), gt.protocol_key))
         # not sort_keys: the methods' order is the table's order
         write_text_atomic(cache_path, json.dumps(scores, indent=1) + "\n")
-        (out / "selection_quality_scores.partial.json").unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
     kernel = _kernel_module().method_entry(
         _kernel_module().read_pairs(kernel_results),
         {t: sorted(gt.mean_perf(t)) for t in gt.targets()}) \

@@ -335,9 +335,9 @@ def _other_build(reg, src: str, out: Path, seed: int, protocol: Protocol) -> boo
 def _has_source(folder: Path, task_id: str, encoder, exit_layers: tuple[int, ...]) -> bool:
     """Whether the registry ``folder`` holds ``task_id``'s full-depth ESM with its kept
     model and an ESM for each exit layer (read-only; False when there is none)."""
-    from stepstone.esm.registry import Registry
+    from stepstone.esm.registry import DB_NAME, Registry
 
-    if not (folder / "registry.sqlite").exists():
+    if not (folder / DB_NAME).exists():
         return False
     with Registry(folder) as reg:  # one base encoder per registry (an exit layer's
         mine = [e for e in reg.entries() if e.task_id == task_id]  # has its own fingerprint)
