@@ -72,19 +72,25 @@ def real_esms(folders: list[str] | None = None) -> dict:
             glob.glob(str(HERE / "work" / "matrix" / "*" / "registry-s0")))
     from stepstone.esm.registry import Registry
 
-    tasks, ws, bs, vecs, where = [], [], [], [], []
+    tasks, ws, bs, vecs, where, seen = [], [], [], [], [], set()
     for folder in folders:
         reg = Registry(folder)
         for e in reg.entries():
+            # an exit-layer ESM maps layer-k embeddings, not the full-depth ones the
+            # targets are embedded with here; the shipped registry's ESMs are also in
+            # the matrix registry they were shipped from (same ids)
+            if e.layer is not None or e.id in seen:
+                continue
             pair = EmbeddingSpaceMap.load(reg.esm_dir(e.id)).affine()
             if pair is None:
                 continue
+            seen.add(e.id)
             tasks.append(e.task_id)
             ws.append(pair[0])
             bs.append(pair[1])
             vecs.append(e.task_vector)
-            # v1: the shipped registry (AdamW ESMs); v2: the matrix run's closed-form ridge
-            where.append("v1" if Path(folder).name == "default_registry" else "v2")
+            # v1: the paper's AdamW fit (the first shipped registry); v2: closed-form ridge
+            where.append("v2" if reg.config(e.id).fit.get("method") == "ridge" else "v1")
         reg.close()
     return {"tasks": tasks, "W": np.stack(ws), "b": np.stack(bs), "vectors": vecs,
             "registry": np.array(where)}

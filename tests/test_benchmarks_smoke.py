@@ -97,6 +97,22 @@ def test_run_writes_every_cell_and_baseline_once(smoke):
     reg.close()
 
 
+def test_first_stage_benchmark_reads_each_full_depth_esm_once(smoke):
+    """bench_first_stage's real ESMs: the targets there are embedded at full depth, so
+    exit-layer ESMs stay out, and an ESM in two of the folders (the shipped registry
+    and the matrix registry it was shipped from) counts once."""
+    fs = load_benchmark("bench_first_stage")
+    folder = str(tm.registry_dir(smoke["common"]["work"], smoke["first"]["protocol_key"], 0))
+    esms = fs.real_esms([folder, folder])
+    assert sorted(esms["tasks"]) == ["topics", "toy0", "toy1"]
+    from stepstone.esm.registry import Registry
+
+    with Registry(folder) as reg:  # v1: the paper's AdamW fit; v2: closed-form ridge
+        want = {"v2" if reg.config(e.id).fit.get("method") == "ridge" else "v1"
+                for e in reg.entries() if e.layer is None}
+    assert esms["W"].shape[0] == 3 and set(esms["registry"]) == want
+
+
 def test_rerun_adds_nothing_and_torn_line_is_redone(smoke, caplog, one_thread):
     path = smoke["root"] / "matrix.jsonl"
     again = tm.run(results=path, **smoke["common"])
