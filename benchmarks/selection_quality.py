@@ -467,15 +467,19 @@ def _paired_p(per_target: dict[str, dict], other: dict[str, dict], metric: str) 
                                    [other[t][metric] for t in common])
 
 
-def evaluate(gt: GroundTruth, scores: dict[str, Any]) -> dict[str, Any]:
+def evaluate(gt: GroundTruth, scores: dict[str, Any], *,
+             targets: list[str] | None = None) -> dict[str, Any]:
     """Per-target and summary metrics of every method against the ground truth.
 
     The cached rankings, the two priors of :func:`prior_orders`, and random orders by
     their exact expectation. Every summary metric has a mean, std, n and a 95%
     percentile-bootstrap interval over targets; ``p_vs_random`` and ``p_vs_esm_logme``
     are two-sided paired sign-flip permutation tests of the per-target values.
+    ``targets``: evaluate on these targets only (default: every target); the popular-
+    source prior still learns from every other target's cells.
     """
-    targets = gt.targets()
+    keep = set(gt.targets() if targets is None else targets)
+    targets = [t for t in gt.targets() if t in keep]
     missing = [t for t in targets if t not in scores["targets"]]
     if missing:
         raise ValueError(f"The score cache has no rankings for targets {missing}; rerun with "
@@ -493,6 +497,8 @@ def evaluate(gt: GroundTruth, scores: dict[str, Any]) -> dict[str, Any]:
         per_target = {}
         spec = scores["methods"][name]["spec"] if name in scores["methods"] else {}
         for t, cached in by_target.items():
+            if t not in keep:
+                continue
             perf, base = gt.mean_perf(t), gt.mean_base(t)
             rows = [_order_metrics(perf, order, base, kept=spec.get("prefilter"))
                     for order in cached]
@@ -562,7 +568,42 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def markdown(gt: GroundTruth, quality: dict[str, Any], noise: dict[str, Any]) -> str:
+def _method_table(quality: dict[str, Any]) -> list[str]:
+    lines = [
+        "| method | regret@1 | regret@3 | regret@5 | p vs random | p vs esm-logme "
+        "| NDCG@5 | Spearman (gain) | ms / source / target | target embed ms "
+        "| bytes / source |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, q in quality.items():
+        lines.append(
+            f"| {name} | {_fmt(q['regret@1'])} | {_fmt(q['regret@3'])} | {_fmt(q['regret@5'])}"
+            f" | {_fmt_p(q['p_vs_random'])} | {_fmt_p(q['p_vs_esm_logme'])}"
+            f" | {_fmt(q['ndcg@5'], 3)} | {_fmt(q['spearman'], 3)} | {q['ms_per_source']:.2f}"
+            f" | {q['embed_ms_per_target']:.0f} | {_fmt_bytes(q['bytes_per_source'])} |")
+    return lines
+
+
+def baseline_markdown(checks: dict[str, dict[str, Any]], margin: float) -> str:
+    """The pre-registered check per target: each seed's no-intermediate baseline, the
+    majority-class floor, the margin and whether the target enters the headline."""
+    seeds = sorted({int(s) for c in checks.values() for s in c["seeds"]})
+    lines = [f"| target | {' | '.join(f'baseline seed {s}' for s in seeds)} | floor | margin "
+             f"| learns (≥ {margin:g}) |",
+             "|---|" + "---|" * len(seeds) + "---|---|---|"]
+    for t, c in sorted(checks.items()):
+        per = {int(k): v for k, v in c["seeds"].items()}
+        lines.append(f"| {t} | " + " | ".join(f"{per[s]:.3f}" if s in per else "—"
+                                               for s in seeds)
+                     + f" | {c['floor']:.3f} | {c['margin']:+.3f} | "
+                     + ("yes" if c["learns"] else "**no**") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(gt: GroundTruth, quality: dict[str, Any], noise: dict[str, Any], *,
+             headline: dict[str, Any] | None = None) -> str:
+    """The table over every target; with ``headline`` (the pre-registered subset of
+    targets whose baseline learns, and its own evaluation) that table first."""
     p = gt.protocol
     lines = [
         f"Protocol `{gt.protocol_key}` ({p['encoder']}): sources ≤ {p['source_max_examples']}"
@@ -576,17 +617,23 @@ def markdown(gt: GroundTruth, quality: dict[str, Any], noise: dict[str, Any]) ->
         + ". Mean over targets [95% bootstrap interval]; p: two-sided paired sign-flip "
         "permutation test over targets (regret@1 / @3 / @5).",
         "",
-        "| method | regret@1 | regret@3 | regret@5 | p vs random | p vs esm-logme "
-        "| NDCG@5 | Spearman (gain) | ms / source / target | target embed ms "
-        "| bytes / source |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, q in quality.items():
-        lines.append(
-            f"| {name} | {_fmt(q['regret@1'])} | {_fmt(q['regret@3'])} | {_fmt(q['regret@5'])}"
-            f" | {_fmt_p(q['p_vs_random'])} | {_fmt_p(q['p_vs_esm_logme'])}"
-            f" | {_fmt(q['ndcg@5'], 3)} | {_fmt(q['spearman'], 3)} | {q['ms_per_source']:.2f}"
-            f" | {q['embed_ms_per_target']:.0f} | {_fmt_bytes(q['bytes_per_source'])} |")
+    if headline is not None:
+        out = sorted(set(gt.targets()) - set(headline["targets"]))
+        rule = f"pre-registered: {headline['rule']}"
+        if not out:
+            lines += [f"Every target's no-intermediate baseline learns ({rule}): the table "
+                      "is the headline.", ""]
+        elif not headline["targets"]:
+            lines += [f"No target's no-intermediate baseline learns ({rule}): there are "
+                      "no headline numbers.", ""]
+        else:
+            lines += [
+                f"**Headline: the {len(headline['targets'])} targets whose no-intermediate "
+                f"baseline learns** ({rule}; left out: {', '.join(out)}).",
+                "", *_method_table(headline["methods"]), "",
+                f"**All {len(gt.targets())} targets:**", ""]
+    lines += _method_table(quality)
     lines += ["", *[f"- {name}: {q['note']}" for name, q in quality.items()]]
     o = noise["split_seed_oracle"]
     lines += [
@@ -631,7 +678,8 @@ def plot_gains(gt: GroundTruth, path: Path) -> Path:
     return path
 
 
-def plot_regret(quality: dict[str, Any], noise: dict[str, Any], path: Path) -> Path:
+def plot_regret(quality: dict[str, Any], noise: dict[str, Any], path: Path, *,
+                subtitle: str | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -655,8 +703,8 @@ def plot_regret(quality: dict[str, Any], noise: dict[str, Any], path: Path) -> P
     ax.set_xlabel("k (sources tried)")
     ax.set_ylabel("regret@k (mean over targets, lower is better)")
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Selection regret by method (bands: 95% bootstrap intervals over targets)",
-                 fontsize=10)
+    ax.set_title("Selection regret by method (bands: 95% bootstrap intervals over targets)"
+                 + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -759,6 +807,17 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
     if kernel is not None:  # scored by kernel_transfer.py, not cached here
         scores = {**scores, "methods": {**scores["methods"], "kernel (eNTK)": kernel}}
     quality = evaluate(gt, scores)
+    # v2 rows carry the majority-class floor: the pre-registered headline is the targets
+    # whose baseline clears it by LEARNS_MARGIN on every seed; every target is reported too
+    checks = {t: c for t, c in tm.baseline_check(rows).items() if t in set(gt.targets())}
+    headline = None
+    if checks:
+        learns = [t for t in gt.targets() if checks.get(t, {}).get("learns", False)]
+        headline = {"rule": f"baseline macro-F1 − majority-class macro-F1 ≥ "
+                            f"{tm.LEARNS_MARGIN:g} on every seed (regression: Pearson ≥ "
+                            f"{2 * tm.LEARNS_MARGIN:g})",
+                    "targets": learns,
+                    "methods": evaluate(gt, scores, targets=learns) if learns else {}}
     g = gt.gains()
     noise = {"cell_std": gt.cell_std(), "split_seed_oracle": gt.split_seed_oracle(KS),
              "positive_share": float(np.mean(g[np.isfinite(g)] > 0))
@@ -774,9 +833,15 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
                "ground_truth": {"perf": {t: gt.mean_perf(t) for t in gt.tasks},
                                 "baseline": {t: gt.mean_base(t) for t in gt.tasks}},
                "noise": noise, "methods": quality}
+    if headline is not None:
+        summary.update({"headline": headline, "baselines": checks})
     (out / "selection_quality.json").write_text(
         json.dumps(summary, indent=1, sort_keys=True, default=float) + "\n")
-    table = markdown(gt, quality, noise)
+    table = markdown(gt, quality, noise, headline=headline)
+    if checks:
+        table += ("\nNo-intermediate baseline per target (macro-F1; regression: Pearson) "
+                  "against the majority-class floor:\n\n"
+                  + baseline_markdown(checks, tm.LEARNS_MARGIN))
     # issue 15: the gain model's recommendation, leave-one-target-out ('' without the
     # per-target scores that `stepstone gain fit --scores` writes for this protocol)
     table += _script_module("recommend_quality").section(
@@ -791,7 +856,11 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
         (out / "selection_quality.json").write_text(
             json.dumps(summary, indent=1, sort_keys=True, default=float) + "\n")
     plot_gains(gt, out / "transfer_matrix_gains.png")
-    plot_regret(quality, noise, out / "selection_quality_regret.png")
+    split = headline is not None and 0 < len(headline["targets"]) < len(gt.targets())
+    plot_regret(headline["methods"] if split else quality, noise,
+                out / "selection_quality_regret.png",
+                subtitle=f"headline: the {len(headline['targets'])} of {len(gt.targets())} "
+                         "targets whose baseline learns" if split else None)
     print(table)
     return summary
 

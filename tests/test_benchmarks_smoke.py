@@ -350,6 +350,24 @@ def test_v2_run_exports_esms_and_runs_a_target_subset(tmp_path, smoke, one_threa
                             recompute=True, repeats=1, approx_rank=8, lowrank=4,
                             progress=False)
     assert "esm-logme (adamw fit)" in summary["methods"]
+    # the pre-registered headline: the targets whose baseline clears the majority floor
+    # by LEARNS_MARGIN on every seed, evaluated on their own beside all targets
+    learns = sorted(t for t, c in tm.baseline_check(tm.read_rows(results)).items()
+                    if c["learns"])
+    head = summary["headline"]
+    assert sorted(head["targets"]) == learns and set(summary["baselines"]) == set(check)
+    table = (tmp_path / "quality" / "selection_quality.md").read_text()
+    assert "| learns (≥ 0.1) |" in table and table.count("| topics |") == 1
+    assert 0 < len(learns) < 3  # the toy topics task does not learn in 6 steps: a split
+    assert set(head["methods"]["esm-logme"]["per_target"]) == set(learns)
+    assert "**Headline: the" in table and "**All 3 targets:**" in table
+    # a subset evaluation is the full one restricted to those targets
+    full = summary["methods"]["esm-logme"]["per_target"]
+    sub = sq.evaluate(sq.load_ground_truth(tm.read_rows(results)),
+                      json.loads((tmp_path / "quality" / "selection_quality_scores.json")
+                                 .read_text()), targets=["topics"])
+    assert sub["esm-logme"]["per_target"] == {"topics": full["topics"]}
+    assert sub["esm-logme"]["regret@1"]["mean"] == pytest.approx(full["topics"]["regret@1"])
     assert "esm-logme seed-1 ESMs" not in summary["methods"]  # seed 1 lacks source topics
     fits = summary["esm_fits"]
     assert {(f["fit"], f["source"]) for f in fits} == {
