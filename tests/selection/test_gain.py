@@ -303,6 +303,23 @@ def test_recommend_quality_benchmark_on_a_tiny_matrix():
         assert 0 <= r["coverage"] <= 1 and r["regret@1 recommendation"] >= 0
     assert "p_vs_esm_logme" in result["summary"]["regret@1: recommendation (none allowed)"]
     assert "| interval coverage |" in rq.markdown(result)
+    # with the quality table's pre-registered headline (targets whose baseline learns),
+    # each row is also summarised over those targets alone, beside all of them
+    ref = {t: {"regret@1": float(i)} for i, t in enumerate(TASKS)}
+    quality = {"protocol_key": "tinykey", "methods": {"esm-logme": {"per_target": ref}},
+               "headline": {"rule": "a rule", "targets": TASKS[:4]}}
+    split = rq.evaluate(_matrix_rows(scores), {"protocol_key": "tinykey", "targets": scores},
+                        quality=quality)
+    head = split["headline"]
+    assert head["targets"] == sorted(TASKS[:4])
+    kept = {t: split["per_target"][t] for t in TASKS[:4]}
+    assert head["summary"]["interval coverage"]["mean"] == pytest.approx(
+        np.mean([r["coverage"] for r in kept.values()]))
+    assert head["summary"][rq.QUALITY_ROW]["mean"] == pytest.approx(np.mean([0, 1, 2, 3]))
+    assert split["summary"][rq.QUALITY_ROW]["mean"] == pytest.approx(np.mean(range(6)))
+    table = rq.markdown(split)
+    assert "| measure | headline (4): mean [95% CI] | p vs esm-logme | all 6:" in table
+    assert result["headline"] is None  # no quality table: no headline
 
 
 def test_a_larger_target_is_featurised_at_the_calibration_size(gain_registry, tiny_model_dir):
