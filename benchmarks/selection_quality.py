@@ -286,7 +286,6 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
     from stepstone.esm.cache import EmbeddingCache
     from stepstone.esm.filters import CandidateFilter
     from stepstone.esm.registry import Registry
-    from stepstone.esm.specs import load_task
     from stepstone.selection.ranking import rank
 
     proto = gt.protocol
@@ -318,9 +317,7 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
                    variants=variants, progress=progress)
     regs = {name: Registry(work / f"registry-{name}") for name in sorted(complete)}
     targets = gt.targets()
-    tasks = {t: load_task(gt.specs[t]).subsample(
-        max_train=proto["target_max_train"], max_test=proto["target_max_test"],
-        seed=proto["data_seed"]) for t in targets}
+    tasks = target_tasks(gt)
     table = methods(proto, approx_rank=approx_rank, lowrank=lowrank, have_s1="s1" in regs,
                     variants=variants, prefilters=tuple(prefilters))
     out: dict[str, Any] = {"protocol_key": gt.protocol_key, "targets": targets,
@@ -387,6 +384,123 @@ def compute_scores(gt: GroundTruth, work: Path, *, approx_rank: int = 64, lowran
         reg.close()
     cache.close()
     return out
+
+
+def target_tasks(gt: GroundTruth) -> dict[str, Any]:
+    """Every target's task as the matrix fine-tuned it (the protocol's subsample)."""
+    from stepstone.esm.specs import load_task
+
+    p = gt.protocol
+    return {t: load_task(gt.specs[t]).subsample(max_train=p["target_max_train"],
+                                                max_test=p["target_max_test"],
+                                                seed=p["data_seed"]) for t in gt.targets()}
+
+
+def update_build_spread(gt: GroundTruth, scores: dict[str, Any], work: Path) -> bool:
+    """Score the build spread into ``scores['build_spread']`` when the runner's work
+    folder has a seed-1 build of two or more sources that the cached entry does not
+    cover yet (the seed-1 part usually finishes after the table was scored). Returns
+    whether it changed anything; without the work folder it leaves the cache alone."""
+    from stepstone.esm.cache import EmbeddingCache
+    from stepstone.esm.registry import Registry
+
+    folders = {b: work / f"registry-{b}" for b in ("s0", "s1")}
+    if not all(f.is_dir() for f in folders.values()):
+        return False
+    with Registry(folders["s1"]) as reg:
+        sources = sorted({e.task_id for e in reg.entries() if e.has_model} & set(gt.tasks))
+    if len(sources) < 2 or scores.get("build_spread", {}).get("sources") == sources:
+        return False
+    encoder = _matrix_module().protocol_encoder(gt.protocol)
+    cache = EmbeddingCache(work.parent / "cache")
+    with Registry(folders["s0"]) as s0, Registry(folders["s1"]) as s1:
+        scored = build_spread_scores(target_tasks(gt), {"s0": s0, "s1": s1}, sources,
+                                     encoder=encoder, cache=cache)
+    cache.close()
+    scores["build_spread"] = {"sources": sources, "scores": scored}
+    return True
+
+
+def build_spread_scores(tasks: dict[str, Any], regs: dict[str, Any], sources: list[str], *,
+                        encoder, cache) -> dict[str, dict[str, dict[str, float]]]:
+    """ESM-LogME of every target on the sources built twice (seed 0 and seed 1: their own
+    fine-tuning and ESM fit), with each build's full-depth ESMs:
+    {target: {build: {source: score}}}. The target's own task is left out."""
+    from stepstone.esm.filters import CandidateFilter
+    from stepstone.selection.ranking import rank
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for t, task in tasks.items():
+        keep = tuple(s for s in sources if s != t)
+        if len(keep) < 2:
+            continue
+        out[t] = {}
+        for name, reg in regs.items():
+            r = rank(task, reg, "esm-logme", encoder=encoder, max_examples=None, cache=cache,
+                     exclude_target=True, gain=False,
+                     filters=CandidateFilter(include=keep, exclude=(t,)), progress=False)
+            if r.errors or set(r.task_ids) != set(keep):
+                raise RuntimeError(f"build spread on {t}, {name}: scored {r.task_ids} of "
+                                   f"{list(keep)} ({r.errors or r.skipped})")
+            out[t][name] = {row.task_id: float(row.score) for row in r.rows}
+    return out
+
+
+def build_spread(gt: GroundTruth, spread: dict[str, dict[str, dict[str, float]]],
+                 targets: list[str] | None = None) -> dict[str, Any]:
+    """How much ESM-LogME moves between two independent builds of the same sources.
+
+    Per target, over the sources built twice: Kendall tau between the builds' scores,
+    whether their top-1 agree, each build's regret@1 (over those sources and no
+    intermediate step, seed-mean ground truth), and the builds' score differences
+    against the spread of scores across sources (std of the differences / std of the
+    seed-0 scores: 0 means the build does not matter, 1.4 that it is as large as the
+    differences between sources)."""
+    from scipy.stats import kendalltau
+
+    per_target = {}
+    for t, builds in sorted(spread.items()):
+        if targets is not None and t not in targets or t not in gt.targets():
+            continue
+        perf_all = gt.mean_perf(t)
+        srcs = sorted(set(builds["s0"]) & set(builds["s1"]) & set(perf_all))
+        if len(srcs) < 2:
+            continue
+        a = np.array([builds["s0"][s] for s in srcs])
+        b = np.array([builds["s1"][s] for s in srcs])
+        perf = {s: perf_all[s] for s in srcs}
+        orders = {k: sorted(srcs, key=lambda s, v=builds[k]: (-v[s], s)) for k in ("s0", "s1")}
+        per_target[t] = {
+            "sources": len(srcs),
+            "kendall_tau": float(kendalltau(a, b)[0]) if np.ptp(a) and np.ptp(b) else float("nan"),
+            "same_top1": float(orders["s0"][0] == orders["s1"][0]),
+            "regret@1 s0": regret_at_k(perf, orders["s0"], 1, baseline=gt.mean_base(t)),
+            "regret@1 s1": regret_at_k(perf, orders["s1"], 1, baseline=gt.mean_base(t)),
+            "diff_to_spread": float(np.std(a - b) / np.std(a)) if np.std(a) else float("nan"),
+        }
+    if not per_target:
+        return {}
+    ts = sorted(per_target)
+    summary = {k: _stat([per_target[t][k] for t in ts]) for k in per_target[ts[0]]
+               if k != "sources"}
+    summary["p_regret@1 s0 vs s1"] = paired_permutation_test(
+        [per_target[t]["regret@1 s0"] for t in ts], [per_target[t]["regret@1 s1"] for t in ts])
+    return {"targets": ts, "sources": sorted({s for t in ts for s in spread[t]["s1"]}),
+            "per_target": per_target, "summary": summary}
+
+
+def build_spread_markdown(result: dict[str, Any]) -> str:
+    s = result["summary"]
+    return (
+        f"\nBuild-to-build spread: the {len(result['sources'])} sources built twice "
+        f"(seed 0 and seed 1: their own fine-tuning and ESM fit; "
+        f"{', '.join(result['sources'])}), ranked by ESM-LogME with each build's ESMs on "
+        f"{len(result['targets'])} targets (each without its own task). Kendall tau between "
+        f"the builds {_fmt(s['kendall_tau'])}; same top-1 on {_fmt(s['same_top1'])} of the "
+        f"targets; regret@1 over these sources {_fmt(s['regret@1 s0'])} (seed-0 build) vs "
+        f"{_fmt(s['regret@1 s1'])} (seed-1 build), p = {s['p_regret@1 s0 vs s1']:.3f}; the "
+        f"builds' score differences are {_fmt(s['diff_to_spread'])} × the spread of scores "
+        f"across sources (std ratio).\n")
 
 
 # -- evaluation and outputs ------------------------------------------------------------------
@@ -800,6 +914,9 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
         # not sort_keys: the methods' order is the table's order
         write_text_atomic(cache_path, json.dumps(scores, indent=1) + "\n")
         partial.unlink(missing_ok=True)
+    work_dir = (Path(work) if work is not None else tm.WORK_DIR) / gt.protocol_key
+    if update_build_spread(gt, scores, work_dir):
+        write_text_atomic(cache_path, json.dumps(scores, indent=1) + "\n")
     kernel = _kernel_module().method_entry(
         _kernel_module().read_pairs(kernel_results),
         {t: sorted(gt.mean_perf(t)) for t in gt.targets()}) \
@@ -835,9 +952,14 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
                "noise": noise, "methods": quality}
     if headline is not None:
         summary.update({"headline": headline, "baselines": checks})
+    spread = build_spread(gt, scores.get("build_spread", {}).get("scores", {}))
+    if spread:
+        summary["build_spread"] = spread
     (out / "selection_quality.json").write_text(
         json.dumps(summary, indent=1, sort_keys=True, default=float) + "\n")
     table = markdown(gt, quality, noise, headline=headline)
+    if spread:
+        table += build_spread_markdown(spread)
     if checks:
         table += ("\nNo-intermediate baseline per target (macro-F1; regression: Pearson) "
                   "against the majority-class floor:\n\n"

@@ -207,6 +207,24 @@ def test_quality_table_from_the_smoke_matrix(smoke, one_thread):
         10 * methods["esm-logme"]["bytes_per_source"]
     assert np.isfinite(summary["noise"]["cell_std"])
     assert "| esm-logme |" in (out / "selection_quality.md").read_text()
+    # build-to-build spread: every source was built for both seeds here; the seed-0
+    # build's order is the esm-logme row's, and each build's regret@1 is what its own
+    # top source measures
+    spread = summary["build_spread"]
+    assert spread["sources"] == sorted(summary["tasks"]) == sorted(spread["per_target"])
+    cached = json.loads((out / "selection_quality_scores.json").read_text())["build_spread"]
+    for t, v in spread["per_target"].items():
+        scores0 = cached["scores"][t]["s0"]
+        assert v["sources"] == 2 and t not in scores0
+        assert max(scores0, key=lambda s: (scores0[s], s)) == exact["per_target"][t]["top1"]
+        for build in ("s0", "s1"):
+            sc = cached["scores"][t][build]
+            top = max(sc, key=lambda s: (sc[s], s))
+            best = max(max(gt_perf[t].values()), summary["ground_truth"]["baseline"][t])
+            assert v[f"regret@1 {build}"] == pytest.approx(100 * (best - gt_perf[t][top]) / best)
+        assert v["kendall_tau"] in (-1.0, 1.0) and v["same_top1"] in (0.0, 1.0)
+    assert "Build-to-build spread: the 3 sources built twice" in \
+        (out / "selection_quality.md").read_text()
     # Regenerating from the cached scores needs no work folder and gives the same table.
     again = sq.regenerate(results=smoke["root"] / "matrix.jsonl", out=out,
                           work=smoke["root"] / "nowhere", progress=False)
