@@ -47,7 +47,12 @@ from stepstone.selection.gain import (
     cells_from_scores,
     loto_predictions,
 )
-from stepstone.selection.gain_fit import complete_targets, matrix_gains, read_matrix
+from stepstone.selection.gain_fit import (
+    complete_targets,
+    matrix_gains,
+    read_matrix,
+    restrict_rows,
+)
 from stepstone.selection.metrics import (
     GroundTruth,
     bootstrap_ci,
@@ -307,7 +312,10 @@ def section(results: str | Path, scores: str | Path, *, quality: str | Path | No
     if record.get("protocol_key") != kw.get("protocol_key", record.get("protocol_key")):
         return ""
     q = json.loads(Path(quality).read_text()) if quality and Path(quality).is_file() else None
-    return "\n" + markdown(evaluate(read_matrix(results), record, quality=q, **kw))
+    rows = read_matrix(results)
+    tasks = kw.pop("tasks", None)
+    return "\n" + markdown(evaluate(rows if tasks is None else restrict_rows(rows, tasks),
+                                     record, quality=q, **kw))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scores", default=str(RESULTS_DIR / "gain_scores_cc6c61ffb39d.json"),
                         help="Per-target scores written by `stepstone gain fit --scores`.")
     parser.add_argument("--protocol", default=None)
+    parser.add_argument("--tasks", default=None,
+                        help="Only the cells among these tasks (comma-separated specs or "
+                             "'all' = the benchmark pool; default: every row).")
     parser.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1"])
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
     parser.add_argument("--level", type=float, default=DEFAULT_LEVEL)
@@ -327,8 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None,
                         help="Write JSON and markdown here (default: print only).")
     args = parser.parse_args(argv)
-    gt = load_ground_truth(read_matrix(args.results), protocol_key=args.protocol,
-                           metric=args.metric)
+    rows = read_matrix(args.results)
+    if args.tasks is not None:
+        rows = restrict_rows(rows, args.tasks)
+    gt = load_ground_truth(rows, protocol_key=args.protocol, metric=args.metric)
     print(f"protocol {gt.protocol_key}: {len(complete_targets(gt))} of {len(gt.targets())} "
           f"targets have a cell for every one of the {len(gt.tasks) - 1} other tasks")
     if not Path(args.scores).is_file():
@@ -338,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     record = json.loads(Path(args.scores).read_text())
     quality = json.loads(Path(args.quality).read_text()) if Path(args.quality).is_file() \
         else None
-    result = evaluate(read_matrix(args.results), record, protocol_key=args.protocol,
+    result = evaluate(rows, record, protocol_key=args.protocol,
                       metric=args.metric, alpha=args.alpha, level=args.level,
                       min_gain=args.min_gain, quality=quality)
     table = markdown(result)

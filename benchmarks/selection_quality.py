@@ -82,6 +82,7 @@ from typing import Any
 import numpy as np
 
 from stepstone.esm.atomic import write_text_atomic
+from stepstone.selection.gain_fit import restrict_rows
 from stepstone.selection.metrics import (
     GroundTruth,
     bootstrap_ci,
@@ -870,18 +871,6 @@ def esm_fits_markdown(fits: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def restrict_rows(rows: list[dict[str, Any]], tasks: str | list[str]) -> list[dict[str, Any]]:
-    """The rows whose target and source (if any) are among the task specs ``tasks``
-    (``all`` = the benchmark pool; see ``transfer_matrix.resolve_tasks``)."""
-    specs = {str(s) for s in _matrix_module().resolve_tasks(tasks)}
-    kept = [r for r in rows if r["target_spec"] in specs
-            and (r["source"] is None or r["source_spec"] in specs)]
-    if len(kept) < len(rows):
-        logger.info("Kept %d of %d rows: those among the tasks %s.", len(kept), len(rows),
-                    tasks)
-    return kept
-
-
 def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None = None,
                recompute: bool = False, protocol_key: str | None = None,
                tasks: str | list[str] | None = None,
@@ -968,7 +957,8 @@ def regenerate(*, results: str | Path, out: str | Path, work: str | Path | None 
     # per-target scores that `stepstone gain fit --scores` writes for this protocol)
     table += _script_module("recommend_quality").section(
         results, RESULTS_DIR / f"gain_scores_{gt.protocol_key}.json",
-        quality=out / "selection_quality.json", protocol_key=gt.protocol_key, metric=metric)
+        quality=out / "selection_quality.json", protocol_key=gt.protocol_key, metric=metric,
+        tasks=tasks)
     (out / "selection_quality.md").write_text(table)
     exports = tm.esm_export_dir(Path(results), gt.protocol_key)
     if exports.is_dir():  # v2: every source's ESM fit against the identity map

@@ -56,6 +56,21 @@ def read_matrix(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def restrict_rows(rows: list[dict[str, Any]], tasks: str | list[str]) -> list[dict[str, Any]]:
+    """The matrix rows among the task specs ``tasks`` (comma-separated or a list; ``all``
+    = the benchmark pool, :func:`stepstone.esm.specs.expand_specs`): those whose target
+    and source (if any) are both among them."""
+    from stepstone.esm.specs import expand_specs
+
+    specs = {str(s) for s in expand_specs(tasks)}
+    kept = [r for r in rows if r.get("target_spec") in specs
+            and (r.get("source") is None or r.get("source_spec") in specs)]
+    if len(kept) < len(rows):
+        logger.info("Kept %d of %d matrix rows: those among the tasks %s.", len(kept),
+                    len(rows), tasks)
+    return kept
+
+
 def matrix_fingerprint(path: str | Path) -> str:
     """sha256 of the matrix file's bytes, first 16 hex digits."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
@@ -144,7 +159,8 @@ def matrix_esm_ids(rows: list[dict[str, Any]], protocol_key: str) -> dict[str, s
 def fit_from_matrix(matrix: str | Path, registry: str | Path | Registry | None = None, *,
                     scores: str | Path | None = None, protocol_key: str | None = None,
                     metric: str = "accuracy", alpha: float = DEFAULT_ALPHA,
-                    level: float = DEFAULT_LEVEL, cache: Any = True,
+                    level: float = DEFAULT_LEVEL, tasks: str | list[str] | None = None,
+                    cache: Any = True,
                     progress: bool = True) -> tuple[GainModel, dict[str, Any]]:
     """Fit a gain model on ``matrix`` (a transfer-matrix JSONL file) with features
     scored against ``registry`` (the one holding the matrix's source ESMs; default:
@@ -153,10 +169,14 @@ def fit_from_matrix(matrix: str | Path, registry: str | Path | Registry | None =
 
     Only targets with a cell for every source are used (a partial row would make the
     within-target z-scores and the interval's calibration unlike a full ranking).
+    ``tasks``: use only the cells among these task specs (:func:`restrict_rows`; ``all``
+    = the benchmark pool), e.g. when the file also holds a few cells of other tasks.
     Returns the model and the scores record.
     """
     matrix = Path(matrix)
     rows = read_matrix(matrix)
+    if tasks is not None:
+        rows = restrict_rows(rows, tasks)
     gt = load_ground_truth(rows, protocol_key=protocol_key, metric=metric)
     targets = complete_targets(gt)
     if len(targets) < 3:
@@ -202,7 +222,8 @@ def fit_from_matrix(matrix: str | Path, registry: str | Path | Registry | None =
     cells = cells_from_scores(per_target, gains)
     meta = {"matrix_file": matrix.name, "matrix_fingerprint": matrix_fingerprint(matrix),
             "protocol_key": gt.protocol_key, "protocol": gt.protocol, "metric": metric,
-            "seeds": gt.seeds, "target_max_train": gt.protocol.get("target_max_train"),
+            "seeds": gt.seeds, "tasks": list(gt.tasks),
+            "target_max_train": gt.protocol.get("target_max_train"),
             "encoder": {k: encoder.get(k) for k in ("name", "fingerprint", "pooling",
                                                     "max_length", "layer")},
             "features_from": FEATURE_METHOD}

@@ -485,7 +485,7 @@ def cmd_gain_fit(args: argparse.Namespace) -> int:
     model, _ = fit_from_matrix(
         args.matrix, args.registry, scores=args.scores, protocol_key=args.protocol,
         metric=args.metric, alpha=DEFAULT_ALPHA if args.alpha is None else args.alpha,
-        level=DEFAULT_LEVEL if args.level is None else args.level,
+        level=DEFAULT_LEVEL if args.level is None else args.level, tasks=args.tasks,
         progress=not args.quiet and not args.json)
     path = model.save(args.out)
     if args.json:
@@ -793,6 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Per-target scores JSON: read when it matches the matrix, else "
                         "computed and written there (refits then take seconds).")
     p.add_argument("--protocol", default=None, help="Protocol key, if the file has several.")
+    p.add_argument("--tasks", default=None,
+                   help="Use only the cells among these tasks (comma-separated specs, or "
+                        "'all' = the benchmark pool); default: every row.")
     p.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1"])
     p.add_argument("--alpha", type=float, default=None, help="Ridge penalty (default 1).")
     p.add_argument("--level", type=float, default=None,

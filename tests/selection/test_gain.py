@@ -67,8 +67,9 @@ def _matrix_rows(scores: dict, seed: int = 0) -> list[dict]:
         for s in rec["esm_logme"]:
             gain = _true_gain(rec, s, rng.normal(0, 0.5))
             rows.append({"protocol_key": "tinykey", "protocol": PROTOCOL, "seed": 0,
-                         "source": s, "source_esm_id": f"{s}-id", "target": t,
-                         "target_spec": f"builtin:{t}", "accuracy": base + gain / 100})
+                         "source": s, "source_esm_id": f"{s}-id", "source_spec": f"builtin:{s}",
+                         "target": t, "target_spec": f"builtin:{t}",
+                         "accuracy": base + gain / 100})
     return rows
 
 
@@ -151,6 +152,29 @@ def test_fit_from_matrix_and_refit_via_the_cli(tmp_path, capsys):
     assert fit_from_matrix(matrix, None, scores=score_file, progress=False)[0].meta[
         "matrix_fingerprint"] != model.meta["matrix_fingerprint"]
     assert main(["gain", "show", str(out)]) == 0
+
+
+def test_gain_fit_on_the_cells_of_some_tasks(tmp_path):
+    """A matrix file that also holds a few cells of another task (as v2's holds some of
+    nyt_sentiment, outside the pool): with --tasks the fit is the one without them."""
+    scores = _scores()
+    rows = _matrix_rows(scores)
+    extra = [{**r, "source": "t6", "source_esm_id": "t6-id", "source_spec": "builtin:t6"}
+             for r in rows if r["source"] == "t1" and r["target"] in ("t0", "t2")]
+    clean, score_file = _write(tmp_path, rows, scores)
+    (tmp_path / "mixed").mkdir()
+    mixed, _ = _write(tmp_path / "mixed", rows + extra, scores)
+    want, _ = fit_from_matrix(clean, None, scores=score_file, progress=False)
+    with pytest.raises(GainModelError):  # only t0 and t2 have a cell for every source
+        fit_from_matrix(mixed, None, scores=score_file, progress=False)
+    specs = ",".join(f"builtin:{t}" for t in TASKS)
+    got, _ = fit_from_matrix(mixed, None, scores=score_file, tasks=specs, progress=False)
+    assert got.coef_ == pytest.approx(want.coef_) and got.targets_ == TASKS
+    assert got.meta["tasks"] == TASKS
+    out = tmp_path / "cli.json"
+    assert main(["gain", "fit", "--matrix", str(mixed), "--scores", str(score_file),
+                 "--tasks", specs, "--out", str(out), "--quiet"]) == 0
+    assert load_gain_model(out).coef_ == pytest.approx(want.coef_)
 
 
 def test_the_shipped_model_loads_and_names_its_matrix():
