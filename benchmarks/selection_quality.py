@@ -631,6 +631,8 @@ def evaluate(gt: GroundTruth, scores: dict[str, Any], *,
     for name, per_target in per_method.items():
         m = scores["methods"].get(name)
         m_targets = [t for t in targets if t in per_target]
+        if not m_targets:  # e.g. the eNTK row, scored on other targets only
+            continue
         entry: dict[str, Any] = {
             "note": m["spec"]["note"] if m else notes[name],
             "per_target": per_target,
