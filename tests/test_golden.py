@@ -40,7 +40,8 @@ def test_builtin_data_hashes_unchanged():
 
 @pytest.mark.slow
 def test_readme_ranking_unchanged():
-    """`stepstone rank builtin:movie_polarity` on the shipped registry: ids and scores."""
+    """`stepstone rank builtin:movie_polarity` on the shipped registry: ids and scores
+    (re-pinned when the shipped registry became the v2 matrix's ESMs, issue 14)."""
     from stepstone.selection.ranking import rank
 
     ranking = rank("builtin:movie_polarity", progress=False, cache=False)
