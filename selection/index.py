@@ -221,10 +221,12 @@ class SketchIndex(TaskIndex):
         return target_query(self.basis, features, labels, label_kind=label_kind)
 
     def save(self, folder: Path, name: str = SKETCH_INDEX_NAME) -> None:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
+        # bytes written by Python, so the file gets the umask's mode like the index's
+        # other files (safetensors' save_file creates it 0600)
         with atomic_path(folder / SKETCH_BASIS) as tmp:
-            save_file({"basis": self.basis.basis, "center": self.basis.center}, str(tmp))
+            tmp.write_bytes(save({"basis": self.basis.basis, "center": self.basis.center}))
         super().save(folder, name)
 
     @classmethod

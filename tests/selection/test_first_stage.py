@@ -139,6 +139,9 @@ def test_sketch_index_follows_registry_and_verify_agrees(tmp_path, tiny_encoder)
     stored = SketchIndex.load(tmp_path, mmap=True)
     assert stored.mapped and len(stored) == 6
     basis = stored.basis.basis.copy()
+    # every index file gets the same (umask) mode: a registry others read is readable
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.glob("esm_index*")}
+    assert len(modes) == 3 and len(set(modes.values())) == 1, modes
     reg.remove("t01")
     W, b = _maps(1, tiny_encoder.identity.dim, 9)
     reg.add(_esm(tiny_encoder.identity, W[0], b[0], "new"), esm_id="new", settings_key="kn")
