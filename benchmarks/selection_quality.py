@@ -414,10 +414,12 @@ def update_build_spread(gt: GroundTruth, scores: dict[str, Any], work: Path) -> 
         return False
     encoder = _matrix_module().protocol_encoder(gt.protocol)
     cache = EmbeddingCache(work.parent / "cache")
-    with Registry(folders["s0"]) as s0, Registry(folders["s1"]) as s1:
-        scored = build_spread_scores(target_tasks(gt), {"s0": s0, "s1": s1}, sources,
-                                     encoder=encoder, cache=cache)
-    cache.close()
+    try:
+        with Registry(folders["s0"]) as s0, Registry(folders["s1"]) as s1:
+            scored = build_spread_scores(target_tasks(gt), {"s0": s0, "s1": s1}, sources,
+                                         encoder=encoder, cache=cache)
+    finally:
+        cache.close()
     scores["build_spread"] = {"sources": sources, "scores": scored}
     return True
 
@@ -447,8 +449,8 @@ def build_spread_scores(tasks: dict[str, Any], regs: dict[str, Any], sources: li
     return out
 
 
-def build_spread(gt: GroundTruth, spread: dict[str, dict[str, dict[str, float]]],
-                 targets: list[str] | None = None) -> dict[str, Any]:
+def build_spread(gt: GroundTruth, spread: dict[str, dict[str, dict[str, float]]]
+                 ) -> dict[str, Any]:
     """How much ESM-LogME moves between two independent builds of the same sources.
 
     Per target, over the sources built twice: Kendall tau between the builds' scores,
@@ -461,7 +463,7 @@ def build_spread(gt: GroundTruth, spread: dict[str, dict[str, dict[str, float]]]
 
     per_target = {}
     for t, builds in sorted(spread.items()):
-        if targets is not None and t not in targets or t not in gt.targets():
+        if t not in gt.targets():
             continue
         perf_all = gt.mean_perf(t)
         srcs = sorted(set(builds["s0"]) & set(builds["s1"]) & set(perf_all))
